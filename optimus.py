@@ -497,6 +497,89 @@ class Transformer(nn.Module):
         return self.logits(self.hidden(tokens, pos, caches))
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_VERSION = 1  # bump when the layout below changes; load_checkpoint refuses others
+
+
+def atomic_write(path: Path, write) -> None:
+    """Run write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, model: Transformer, train_cfg: TrainingConfig, *, step: int,
+                    best_val_loss: float, template: dict | None, optimizer=None, extra: dict | None = None) -> None:
+    """Write a `torch.load(weights_only=True)`-loadable checkpoint atomically."""
+    state = {
+        "format_version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model_config": dataclasses.asdict(model.cfg),
+        "training_config": dataclasses.asdict(train_cfg),
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "template": template,
+        **(extra or {}),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or in a directory its best.pt, else its latest.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "latest.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"no checkpoint in {path}: train first, or pass --ckpt FILE")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: train first, or pass --ckpt FILE")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """(model on `device` in eval mode, the checkpoint dict). Errors name the file and the fix."""
+    path = find_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, foreign formats: all one message
+        raise UserError(f"checkpoint {path} is corrupt or not an Optimus checkpoint "
+                        f"({type(exc).__name__}): re-create it or pass another --ckpt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+        found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"checkpoint {path} has format version {found}, this code reads "
+                        f"{CHECKPOINT_VERSION}: re-create it with this version")
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError, UserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} does not match this model code ({first}): "
+                        f"re-create it with this version") from None
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+# ----------------------------------------------------------------------------- export
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
