@@ -569,12 +569,795 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 # ----------------------------------------------------------------------------- data loading
+# The token stream (uint16 GPT-2 ids) is cut into windows of max_length + 1 tokens at a stride of
+# max_length (inputs and their next-token targets). Epoch e visits the windows in a permutation
+# seeded by (seed, e); step s takes the s-th block of batch_size windows of that endless order. The
+# data a step sees is a pure function of (seed, step): resume and several ranks need no loader state.
+
+
+def read_tokens(path: Path):
+    """A read-only memory map of a token file (little-endian uint16)."""
+    import numpy as np
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+class TrainWindows(torch.utils.data.Dataset):
+    """Item i: this rank's i-th micro-batch, a (micro_batch, max_length + 1) int64 tensor."""
+
+    def __init__(self, path: Path, max_length: int, batch_size: int, micro_batch: int,
+                 seed: int, rank: int = 0, world: int = 1):
+        self.path, self.max_length, self.seed = path, max_length, seed
+        self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
+        self.accum = batch_size // (micro_batch * world)  # micro-steps per optimizer step
+        self.num_windows = (len(read_tokens(path)) - 1) // max_length
+        self._tokens, self._perms = None, {}  # opened lazily: each loader worker maps its own
+
+    def window_order(self, epoch: int):
+        import numpy as np
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)}
+        return self._perms[epoch]
+
+    def __len__(self) -> int:
+        return 2**62  # endless: the sampler picks the items
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import numpy as np
+        if self._tokens is None:
+            self._tokens = read_tokens(self.path)
+        step, micro = divmod(i, self.accum)
+        # Rows of the global batch: micro-step a of rank r takes block (a * world + r).
+        first = step * self.batch_size + (micro * self.world + self.rank) * self.micro_batch
+        rows = []
+        for g in range(first, first + self.micro_batch):
+            epoch, j = divmod(g, self.num_windows)
+            start = int(self.window_order(epoch)[j]) * self.max_length
+            rows.append(self._tokens[start: start + self.max_length + 1])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle (it saves a checkpoint); a worker that died of it
+    # would break the final steps.
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_loader(windows: TrainWindows, first_step: int, last_step: int, num_workers: int, pin: bool):
+    """Micro-batches for steps [first_step, last_step), prepared ahead by background workers."""
+    items = range(first_step * windows.accum, last_step * windows.accum)
+    return torch.utils.data.DataLoader(
+        windows, batch_size=None, sampler=items, num_workers=num_workers, pin_memory=pin,
+        worker_init_fn=_ignore_sigint if num_workers else None,
+        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+
+
+def val_windows(path: Path, max_length: int, count: int) -> torch.Tensor:
+    """The fixed validation set: the first `count` windows of val.bin, (count, max_length + 1)."""
+    import numpy as np
+    tokens = read_tokens(path)
+    n = min(count, (len(tokens) - 1) // max_length)
+    if n < 1:
+        raise UserError(f"{path} has {len(tokens)} tokens, fewer than max_length + 1 = {max_length + 1}: "
+                        f"lower --max_length or give more validation data")
+    return torch.from_numpy(np.stack([tokens[i * max_length: i * max_length + max_length + 1]
+                                      for i in range(n)]).astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- trainer
 
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), the denominator of MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+MEMORY_HEADROOM = 0.9  # the batch finder keeps 10% of GPU memory free for allocator fragmentation
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6 per weight that multiplies (forward 2,
+    backward 4; the embedding lookup is free, the LM head is not) plus 12 * depth * dim * seq_len
+    for attention scores and values. Checkpointing's recomputation is not counted (that is MFU)."""
+    cfg = model.cfg
+    matmul_weights = sum(p.numel() for p in model.blocks.parameters()) + model.head.weight.numel()
+    return 6 * matmul_weights + 12 * cfg.depth * cfg.dim * seq_len
+
+
+def lr_at(step: int, cfg: TrainingConfig, total_steps: int) -> float:
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+        return t
+
+
+def init_distributed(device: str) -> tuple[DistEnv, str]:
+    """Join torchrun's process group if its environment is set; returns (env, this rank's device)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistEnv(), device
+    import datetime
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+        device = f"cuda:{env.local_rank}"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10),
+            device_id=torch.device(device) if use_cuda else None)
+    return env, device
+
+
+def git_commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLog:
+    """runs/<run>/: config.json (what reproduces the run) and metrics.jsonl; TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, record: dict, enabled: bool):
+        import json
+        self.enabled, self.writer, self.path = enabled, None, run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir))
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only "
+                  "(pip install -e \".[tensorboard]\" for TensorBoard)")
+
+    def log(self, step: int, **values) -> None:
+        import json
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def ensure_token_files(cfg: TrainingConfig, dist: DistEnv) -> dict:
+    """The data directory's meta.json, running data preparation first if its files are missing."""
+    import data_prep
+    data_dir = Path(cfg.data_dir)
+    try:
+        if dist.is_main and not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "meta.json")):
+            print(f"no token files in {data_dir}: preparing them first")
+            data_prep.prepare(cfg.data_input or None, str(data_dir), cfg.dataset_size, cfg.train_val_split,
+                              cfg.seed, cfg.dataset_name)
+        dist.barrier()
+        return data_prep.load_meta(str(data_dir))
+    except data_prep.DataError as exc:
+        raise UserError(str(exc)) from None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# Fields that fix which tokens each step sees: a resumed run must keep them.
+DATA_ORDER_FIELDS = ("batch_size", "max_length", "seed", "data_dir")
+
+
+class Trainer:
+    """Single- or multi-process (torchrun) training of a Transformer on the token files."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainingConfig):
+        self.cfg = cfg
+        self.dist, device = init_distributed(cfg.device)
+        self.rt = resolve_runtime(device)
+        if cfg.max_length > model_cfg.max_seq_len:
+            raise UserError(f"max_length {cfg.max_length} exceeds the model's max_seq_len "
+                            f"{model_cfg.max_seq_len}: lower --max_length or raise --max_seq_len")
+        if cfg.batch_size % self.dist.world:
+            raise UserError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} ranks")
+        self.meta = ensure_token_files(cfg, self.dist)
+        if self.meta["vocab_size"] > model_cfg.vocab_size:
+            raise UserError(f"the data's vocabulary ({self.meta['vocab_size']}) is larger than the model's "
+                            f"vocab_size ({model_cfg.vocab_size}): raise --vocab_size")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = Transformer(model_cfg).to(self.rt.device)
+        self.impl = resolve_impl(model_cfg.impl, self.rt.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.rt.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda") if self.rt.needs_grad_scaler else None
+        self.step, self.best_val, self.run_name = 0, float("inf"), cfg.run_name
+        if cfg.resume:
+            self.restore(Path(cfg.checkpoint_dir) / "latest.pt")
+        self.micro_batch = self.find_micro_batch()
+        data_dir = Path(cfg.data_dir)
+        self.windows = TrainWindows(data_dir / "train.bin", cfg.max_length, cfg.batch_size,
+                                    self.micro_batch, cfg.seed, self.dist.rank, self.dist.world)
+        if self.windows.num_windows < 1:
+            raise UserError(f"{data_dir / 'train.bin'} is shorter than max_length + 1 tokens: "
+                            f"lower --max_length or give more data")
+        self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * self.micro_batch)
+        self.total_steps = cfg.max_steps or max(1, cfg.num_epochs * self.windows.num_windows // cfg.batch_size)
+        self.forward = self.wrap_model()
+        self.stop_requested = False
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
+        if not self.run_name:
+            import time
+            self.run_name = time.strftime("%Y%m%d-%H%M%S")
+        self.log = RunLog(Path(cfg.tensorboard_dir) / self.run_name, self.run_record(), self.dist.is_main)
+
+    # -- setup
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, step, best loss, RNG and run name."""
+        if not path.is_file():
+            raise UserError(f"--resume given but {path} does not exist: train without --resume first")
+        try:
+            ckpt = torch.load(path, map_location=self.rt.device, weights_only=True)
+        except Exception as exc:
+            raise UserError(f"checkpoint {path} is corrupt ({type(exc).__name__}): "
+                            f"delete it to start over, or restore a copy") from None
+        if ckpt.get("model_config") != dataclasses.asdict(self.model.cfg):
+            raise UserError(f"{path} was trained with another model config: pass the same model flags to resume")
+        changed = [f for f in DATA_ORDER_FIELDS if ckpt["training_config"].get(f) != getattr(self.cfg, f)]
+        if changed:
+            raise UserError(f"{path} was trained with other {', '.join(changed)}: "
+                            f"resume with the same values, or start a new run without --resume")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.best_val = ckpt["step"], ckpt["best_val_loss"]
+        self.run_name = self.run_name or ckpt.get("run_name", "")
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.rt.device)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def loss(self, forward, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy, in float32, of a (B, T + 1) batch of windows."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with self.rt.autocast():
+            logits = forward(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def fits(self, micro_batch: int) -> bool:
+        """Probe forward and backward at max_length: does this micro-batch fit with the optimizer?"""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.rt.device)
+        try:
+            batch = torch.randint(0, self.model.cfg.vocab_size, (micro_batch, self.cfg.max_length + 1),
+                                  device=self.rt.device)
+            self.loss(self.model, batch).backward()
+            adam_state = 2 * 4 * sum(p.numel() for p in self.model.parameters())  # exp_avg, exp_avg_sq
+            peak = torch.cuda.max_memory_allocated(self.rt.device) + adam_state
+            ok = peak < MEMORY_HEADROOM * torch.cuda.get_device_properties(self.rt.device).total_memory
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        self.model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return ok
+
+    def find_micro_batch(self) -> int:
+        """The largest micro-batch that fits (halving on out-of-memory); all ranks agree on one."""
+        per_rank = self.cfg.batch_size // self.dist.world
+        if self.cfg.micro_batch_size:
+            if per_rank % self.cfg.micro_batch_size:
+                raise UserError(f"micro_batch_size {self.cfg.micro_batch_size} must divide the "
+                                f"per-rank batch {per_rank} (batch_size / ranks)")
+            return self.cfg.micro_batch_size
+        if self.rt.device.type != "cuda":
+            return per_rank
+        divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
+        micro = per_rank
+        while not self.fits(micro):
+            smaller = [d for d in divisors if d <= micro // 2]
+            if not smaller:
+                raise UserError(f"one sequence of {self.cfg.max_length} tokens does not fit in GPU memory: "
+                                f"lower --max_length or turn on --checkpointing")
+            micro = smaller[0]
+        micro = int(self.dist.all_reduce(torch.tensor(micro, device=self.rt.device), torch.distributed.ReduceOp.MIN))
+        if self.dist.is_main:
+            print(f"batch finder: micro-batch {micro} x {self.dist.world} rank(s) x "
+                  f"{per_rank // micro} accumulation step(s) = batch {self.cfg.batch_size}")
+        return micro
+
+    def wrap_model(self):
+        """DDP across ranks, then torch.compile: returns the callable the training step uses."""
+        model = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(
+                model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None)
+        self.ddp = model if self.dist.world > 1 else None
+        compile_on = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
+        # Compiling the DDP-wrapped module lets DDP's optimizer split graphs at its gradient buckets,
+        # so communication still overlaps the backward.
+        return torch.compile(model) if compile_on else model
+
+    def run_record(self) -> dict:
+        return {
+            "model_config": dataclasses.asdict(self.model.cfg), "training_config": dataclasses.asdict(self.cfg),
+            "micro_batch": self.micro_batch, "world_size": self.dist.world, "total_steps": self.total_steps,
+            "kernels": self.impl, "code_version": git_commit(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
+            "device": torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "cpu",
+            "dtype": str(self.rt.dtype), "data": self.meta, "parameters": self.model.num_params(),
+        }
+
+    # -- the loop
+
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step over batch_size sequences; returns the mean loss (on device)."""
+        total = torch.zeros((), device=self.rt.device)
+        accum = self.windows.accum
+        for micro in range(accum):
+            batch = next(batches).to(self.rt.device, non_blocking=True)
+            # DDP all-reduces gradients on the last micro-step only.
+            sync = self.ddp is None or micro == accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                loss = self.loss(self.forward, batch) / accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.gradient_clip_val > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg, self.total_steps)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite |= ~torch.isfinite(total)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows (sharded across ranks, then reduced)."""
+        self.model.eval()
+        sums = torch.zeros(2, device=self.rt.device, dtype=torch.float64)  # (loss sum, token count)
+        for chunk in self.val[self.dist.rank:: self.dist.world].split(self.micro_batch):
+            batch = chunk.to(self.rt.device)
+            sums[0] += self.loss(self.forward, batch, reduction="sum").double()
+            sums[1] += batch[:, 1:].numel()
+        self.model.train()
+        self.dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    def check_finite(self) -> None:
+        """Stop, keeping the last good checkpoint, once any step's loss was not finite."""
+        if bool(self.dist.all_reduce(self.nonfinite.int())):
+            raise UserError(f"the loss became non-finite at or before step {self.step}: no checkpoint was "
+                            f"written from then on; lower --learning_rate or check the data, then --resume")
+
+    def save(self, name: str) -> None:
+        self.check_finite()
+        if self.dist.is_main:
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
+            save_checkpoint(Path(self.cfg.checkpoint_dir) / name, self.model, self.cfg, step=self.step,
+                            best_val_loss=self.best_val, template=self.meta.get("template"),
+                            optimizer=self.optimizer, extra={"rng": rng, "run_name": self.run_name})
+        self.dist.barrier()
+
+    def validate_and_save_best(self) -> float:
+        val_loss = self.evaluate()
+        self.log.log(self.step, val_loss=val_loss)
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            self.save("best.pt")
+        return val_loss
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """First Ctrl-C: finish this step, save, exit. A second one aborts at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def stop_agreed(self) -> bool:
+        if self.dist.world == 1:
+            return self.stop_requested
+        flag = torch.tensor(int(self.stop_requested), device=self.rt.device)
+        return bool(self.dist.all_reduce(flag, torch.distributed.ReduceOp.MAX))
+
+    def fit(self) -> dict:
+        """Train to total_steps (or until Ctrl-C); returns the final metrics."""
+        import signal
+        import time
+        cfg, main = self.cfg, self.dist.is_main
+        tokens_per_step = cfg.batch_size * cfg.max_length
+        flops_step = flops_per_token(self.model, cfg.max_length) * tokens_per_step
+        peak = peak_flops(self.rt.device)
+        if main:
+            print(f"training {self.model.num_params() / 1e6:.1f}M parameters on {self.rt.device} "
+                  f"({self.rt.dtype}, kernels: {self.impl}) for {self.total_steps} steps from step {self.step}; "
+                  f"logs in {self.log.path.parent}")
+        batches = iter(train_loader(self.windows, self.step, self.total_steps, cfg.num_workers,
+                                    pin=self.rt.device.type == "cuda"))
+        previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+        summary = {"train_loss": float("nan"), "val_loss": float("nan")}
+        try:
+            self.model.train()
+            start = time.perf_counter()
+            mark_time, mark_step, first_step = start, self.step, self.step
+            while self.step < self.total_steps:
+                loss = self.train_step(batches)
+                self.step += 1
+                last = self.step == self.total_steps
+                if self.step % cfg.log_interval == 0 or last:
+                    train_loss = float(self.dist.all_reduce(loss.clone()) / self.dist.world)
+                    self.check_finite()
+                    now = time.perf_counter()
+                    tok_s = tokens_per_step * (self.step - mark_step) / (now - mark_time)
+                    metrics = {"train_loss": train_loss, "lr": lr_at(self.step - 1, cfg, self.total_steps),
+                               "tokens_per_s": tok_s}
+                    if peak:
+                        metrics["mfu"] = flops_step * (self.step - mark_step) / (now - mark_time) / self.dist.world / peak
+                        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
+                    self.log.log(self.step, **metrics)
+                    summary.update(metrics)
+                    eta = (now - start) / (self.step - first_step) * (self.total_steps - self.step)
+                    if main:
+                        mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                        print(f"step {self.step}/{self.total_steps} | loss {train_loss:.4f} | "
+                              f"lr {metrics['lr']:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {format_duration(eta)}",
+                              flush=True)
+                    mark_time, mark_step = now, self.step
+                if self.step % cfg.eval_interval == 0 or last:
+                    summary["val_loss"] = self.validate_and_save_best()
+                    if main:
+                        print(f"step {self.step}: val loss {summary['val_loss']:.4f} (best {self.best_val:.4f})")
+                stopping = self.stop_agreed()
+                if self.step % cfg.checkpoint_interval == 0 or last or stopping:
+                    self.save("latest.pt")
+                if stopping:
+                    if main:
+                        print(f"stopped at step {self.step}: {Path(cfg.checkpoint_dir) / 'latest.pt'} "
+                              f"saved; continue with --resume")
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            self.log.close()
+        summary.update(step=self.step, best_val_loss=self.best_val, micro_batch=self.micro_batch)
+        return summary
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+    """Train a model (see Trainer); returns its final metrics."""
+    trainer = Trainer(model_cfg, train_cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.world > 1:
+            torch.distributed.destroy_process_group()
+
 
 # ----------------------------------------------------------------------------- sampler
+
+
+def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
+    """Raise one ValueError naming the argument that is out of range."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps all tokens), got {top_k}")
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                    top_k: int = 0) -> torch.Tensor:
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k, then top-p (nucleus)."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                 # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)    # (B, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Keep a token while the probability before it is still short of top_p: the smallest
+        # set that reaches top_p, and never empty (the first token has nothing before it).
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)                    # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from (B, V) logits. temperature 0 is argmax. No host synchronization:
+    argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race)."""
+    check_sampling_args(temperature, top_p, top_k)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_p, top_k)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+class Decoder:
+    """A model with static KV caches for `batch` sequences: prefill, then one token per step.
+
+    On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
+    step costs one launch instead of one per kernel; its inputs and output live in static buffers.
+    """
+
+    def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None):
+        self.model, self.batch = model, batch
+        device = model.tok_emb.weight.device
+        self.caches = [KVCache(batch, model.cfg, model.tok_emb.weight.dtype, device) for _ in model.blocks]
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)       # (B, 1)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)          # (B, 1)
+        self.graph = None
+        if use_graph if use_graph is not None else device.type == "cuda":
+            self.graph = self._capture()
+
+    def _step(self) -> torch.Tensor:
+        return self.model.logits(self.model.hidden(self.tokens, self.pos, self.caches)[:, -1])  # (B, V)
+
+    def _capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels load, workspaces settle
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        return graph  # the capture wrote slot 0 of the caches: prefill rewrites it before any read
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) right-padded, lengths (B,): fill the caches, return (B, V) next-token logits."""
+        B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device).expand(B, T)                  # (B, T)
+        h = self.model.hidden(tokens, pos, self.caches)                            # (B, T, dim)
+        return self.model.logits(h[torch.arange(B, device=tokens.device), lengths - 1])
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) at positions pos (B,) -> (B, V) logits for the token after each."""
+        self.tokens.copy_(tokens[:, None])
+        self.pos.copy_(pos[:, None])
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits
+
+    def check(self) -> None:
+        """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""
+        if any(bool(c.status) for c in self.caches):
+            raise RuntimeError("a KV-cache write fell outside the cache: positions must be < max_seq_len")
+
+
+def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> list[list[int]]:
+    """Keep each prompt's newest tokens so prompt + answer fit in max_seq_len (warns when cut)."""
+    if not 0 < max_new_tokens < max_seq_len:
+        raise ValueError(f"max_new_tokens must be between 1 and max_seq_len - 1 = {max_seq_len - 1}, "
+                         f"got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    keep = max_seq_len - max_new_tokens + 1  # the last new token is never fed back
+    if any(len(p) > keep for p in prompts):
+        warnings.warn(f"prompt longer than {keep} tokens (max_seq_len {max_seq_len} - max_new_tokens "
+                      f"{max_new_tokens} + 1): its oldest tokens were dropped")
+    return [p[-keep:] for p in prompts]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None, eot_id: int | None = EOT_ID,
+             decoder: Decoder | None = None, stop_check_every: int = 8):
+    """Yield (B,) tensors of new tokens, one per step, for prompts of any lengths.
+
+    A sequence that produced `eot_id` yields `eot_id` from then on; generation ends after
+    max_new_tokens, or once every sequence is done (checked every `stop_check_every` steps, each
+    check a host sync). Prompts too long for max_seq_len lose their oldest tokens, with a warning.
+    """
+    check_sampling_args(temperature, top_p, top_k)
+    device = model.tok_emb.weight.device
+    prompts = fit_prompts(prompts, max_new_tokens, model.cfg.max_seq_len)
+    B = len(prompts)
+    decoder = decoder or Decoder(model, B)
+    if decoder.batch != B:
+        raise ValueError(f"decoder was built for batch {decoder.batch}, got {B} prompts")
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    padded = torch.full((B, int(lengths.max())), eot_id or 0, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p)
+    logits = decoder.prefill(padded.to(device), lengths)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, top_k, generator)
+        if eot_id is not None:
+            token = token.masked_fill(done, eot_id)
+            done |= token == eot_id
+        yield token
+        if i + 1 == max_new_tokens or (eot_id is not None and (i + 1) % stop_check_every == 0 and bool(done.all())):
+            break
+        logits = decoder.step(token, lengths + i)
+    decoder.check()
+
+
+def load_tokenizer():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def inference_model(ckpt: str, device: str, impl: str) -> tuple[Transformer, dict, Runtime]:
+    """A checkpoint's model ready to generate: on `device`, eval mode, bf16/fp16 weights on CUDA."""
+    rt = resolve_runtime(device)
+    model, ckpt_dict = load_checkpoint(ckpt, rt.device)
+    model.cfg.impl = impl
+    if rt.device.type == "cuda":
+        model = model.to(rt.dtype)  # decoding reads every weight per token: half the bytes, ~2x speed
+    resolve_impl(impl, rt.device)
+    return model, ckpt_dict, rt
+
+
+class TextStream:
+    """Token ids in, printable text out: holds back bytes until they form whole UTF-8 characters."""
+
+    def __init__(self, enc):
+        import codecs
+        self.enc, self.utf8 = enc, codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self.utf8.decode(self.enc.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict, template: dict | None,
+           generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float]:
+    """Stream one answer to `out`; returns (tokens generated, seconds). Ctrl-C ends it early."""
+    import time
+    import data_prep
+    prompt = data_prep.format_prompt(template, text) if template and not settings["raw"] else text
+    ids = enc.encode_ordinary(prompt)
+    stream, count, start = TextStream(enc), 0, time.perf_counter()
+    try:
+        for token in generate(model, [ids], settings["max_new_tokens"], settings["temperature"],
+                              settings["top_p"], settings["top_k"], generator, decoder=decoder):
+            token = int(token[0])
+            if token == EOT_ID:
+                break
+            count += 1
+            out.write(stream.push(token))
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write(stream.flush() + "\n")
+    out.flush()
+    return count, time.perf_counter() - start
+
+
+REPL_HELP = """commands:
+  /temp T      sampling temperature (0: greedy)
+  /top_p P     nucleus sampling threshold in (0, 1]
+  /top_k K     keep the K most likely tokens (0: all)
+  /max N       new tokens per answer
+  /raw on|off  feed prompts as-is instead of through the instruction template
+  /show        the current settings
+  /help        this list
+  /quit        exit (Ctrl-D too); Ctrl-C stops an answer"""
+REPL_SETTINGS = {"/temp": ("temperature", float), "/top_p": ("top_p", float), "/top_k": ("top_k", int),
+                 "/max": ("max_new_tokens", int), "/raw": ("raw", bool)}
+
+
+def repl_command(line: str, settings: dict, max_seq_len: int) -> str | None:
+    """Apply one /command to the settings; returns what to print, or None to quit."""
+    name, _, arg = line.strip().partition(" ")
+    if name in ("/quit", "/exit"):
+        return None
+    if name == "/help":
+        return REPL_HELP
+    if name == "/show":
+        return "  ".join(f"{k}={v}" for k, v in settings.items())
+    if name not in REPL_SETTINGS:
+        return f"unknown command {name}: /help lists them"
+    key, typ = REPL_SETTINGS[name]
+    try:
+        text = arg.strip()
+        value = parse_value(key, {"on": "true", "off": "false"}.get(text, text) if typ is bool else text, typ)
+        trial = {**settings, key: value}
+        check_sampling_args(trial["temperature"], trial["top_p"], trial["top_k"])
+        if not 0 < trial["max_new_tokens"] < max_seq_len:
+            raise ValueError(f"max tokens must be between 1 and {max_seq_len - 1}")
+    except (UserError, ValueError) as exc:
+        return f"not changed: {exc}"
+    settings[key] = value
+    return f"{key} = {value}"
+
+
+def cmd_sample(argv: list[str]) -> int:
+    args = command_flags(argv, SAMPLE_FLAGS)
+    try:
+        check_sampling_args(args["temperature"], args["top_p"], args["top_k"])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args["impl"] not in ("auto", "ext", "ref"):
+        raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
+    model, ckpt, rt = inference_model(args["ckpt"], args["device"], args["impl"])
+    if not 0 < args["max_new_tokens"] < model.cfg.max_seq_len:
+        raise UserError(f"--max_new_tokens must be between 1 and {model.cfg.max_seq_len - 1} "
+                        f"(the model's max_seq_len - 1)")
+    generator = None
+    if args["seed"] is not None:
+        generator = torch.Generator(rt.device).manual_seed(args["seed"])
+    settings = {k: args[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "raw")}
+    enc, decoder, template = load_tokenizer(), Decoder(model, 1), ckpt.get("template")
+
+    def respond(text: str) -> None:
+        count, seconds = answer(model, decoder, enc, text, settings, template, generator)
+        print(f"[{count} tokens, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+    if args["prompt"] is not None:
+        respond(args["prompt"])
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Optimus Prime ({model.num_params() / 1e6:.1f}M parameters, {rt.device}). /help lists "
+              f"commands, /quit exits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D exits)")
+            continue
+        if line.startswith("/"):
+            reply = repl_command(line, settings, model.cfg.max_seq_len)
+            if reply is None:
+                return 0
+            print(reply)
+        elif line.strip():
+            respond(line)
 
 
 # ----------------------------------------------------------------------------- export
@@ -682,12 +1465,8 @@ def command_flags(argv: list[str], flags: dict[str, tuple[type, object, str]]) -
 def cmd_train(argv: list[str]) -> int:
     values = parse_flags(argv, {"preset": str, **config_flag_types()})
     model_cfg, train_cfg = make_configs(values.pop("preset", "base"), **values)
-    raise UserError("`train` is not built yet (issue 3: the trainer)")
-
-
-def cmd_sample(argv: list[str]) -> int:
-    command_flags(argv, SAMPLE_FLAGS)
-    raise UserError("`sample` is not built yet (issue 4: the sampler)")
+    train(model_cfg, train_cfg)
+    return 0
 
 
 def cmd_export(argv: list[str]) -> int:
