@@ -273,6 +273,20 @@ def _cuda_arch_list() -> str:
     return ";".join(sorted(archs))
 
 
+def _toolkit_root() -> str | None:
+    """The CUDA toolkit that `nvcc` on the PATH runs from, following wrapper scripts and links."""
+    import re
+    import shutil
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            candidates += [Path(m).parent.parent for m in re.findall(r"(/\S+/bin/nvcc)\b", Path(nvcc).read_text())]
+    candidates.append(Path("/usr/local/cuda"))
+    return next((str(c) for c in candidates if (c / "include" / "cuda_runtime.h").is_file()), None)
+
+
 def load_extension(verbose: bool = False) -> None:
     """JIT-build (ninja, cached, rebuilt when a source changes) and load the csrc/ extension.
 
@@ -281,6 +295,12 @@ def load_extension(verbose: bool = False) -> None:
     """
     if _EXTENSION.get("loaded"):
         return
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and _toolkit_root():
+        # torch would take CUDA_HOME from the nvcc on the PATH, which may be a wrapper script
+        # outside the toolkit (e.g. /usr/local/bin/nvcc -> headers looked for in /usr/local).
+        os.environ["CUDA_HOME"] = _toolkit_root()
+    import logging
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
     from torch.utils import cpp_extension
 
     src = Path(__file__).resolve().parent / "csrc"
@@ -835,7 +855,8 @@ class Trainer:
         except Exception as exc:
             raise UserError(f"checkpoint {path} is corrupt ({type(exc).__name__}): "
                             f"delete it to start over, or restore a copy") from None
-        if ckpt.get("model_config") != dataclasses.asdict(self.model.cfg):
+        # impl only picks kernels: a run may resume with other ones.
+        if {**ckpt.get("model_config", {}), "impl": self.model.cfg.impl} != dataclasses.asdict(self.model.cfg):
             raise UserError(f"{path} was trained with another model config: pass the same model flags to resume")
         changed = [f for f in DATA_ORDER_FIELDS if ckpt["training_config"].get(f) != getattr(self.cfg, f)]
         if changed:

@@ -1,0 +1,194 @@
+"""The sampler: the nucleus rule, determinism, the KV cache, batching, and the CLI."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import data_prep
+import optimus
+from conftest import ROOT
+
+
+def nucleus_reference(probs, top_p):
+    """Allowed token ids: sort by probability, keep adding until the kept mass reaches top_p."""
+    order = np.argsort(-probs, kind="stable")
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(int(i))
+        mass += probs[i]
+        if mass >= top_p:
+            break
+    return set(kept)
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 0.9, 0), (0.7, 0.5, 0), (1.3, 1.0, 4),
+                                                       (1.0, 0.8, 5), (1.0, 0.05, 0)])
+def test_sample_next_follows_the_nucleus_rule(temperature, top_p, top_k):
+    torch.manual_seed(0)
+    logits = torch.randn(12, dtype=torch.float64) * 1.5
+    probs = torch.softmax(logits / temperature, -1).numpy()
+    allowed = set(range(12))
+    if top_k:
+        allowed = set(np.argsort(-probs)[:top_k].tolist())
+    masked = np.where(np.isin(np.arange(12), list(allowed)), probs, 0.0)
+    masked /= masked.sum()
+    allowed = nucleus_reference(masked, top_p)
+    expected = np.where(np.isin(np.arange(12), list(allowed)), masked, 0.0)
+    expected /= expected.sum()
+
+    n = 200_000
+    generator = torch.Generator().manual_seed(1234)
+    draws = optimus.sample_next(logits.float().expand(n, 12), temperature, top_p, top_k, generator)
+    counts = np.bincount(draws.numpy(), minlength=12)
+    assert set(np.nonzero(counts)[0].tolist()) <= allowed
+    freq = counts / n
+    bound = 5 * np.sqrt(expected * (1 - expected) / n) + 1e-4  # 5 sigma: a wrong rule is far outside
+    assert np.all(np.abs(freq - expected) <= bound), (freq, expected)
+
+
+def test_greedy_is_argmax_and_seeds_reproduce():
+    logits = torch.randn(6, 50)
+    assert torch.equal(optimus.sample_next(logits, temperature=0), logits.argmax(-1))
+    a = optimus.sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(7))
+    b = optimus.sample_next(logits, 1.0, 0.9, 0, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                            ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k")])
+def test_sampling_arguments_out_of_range(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        optimus.sample_next(torch.randn(1, 10), **kwargs)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model_cfg, _ = optimus.make_configs("tiny", impl="ref")
+    return optimus.Transformer(model_cfg).eval()
+
+
+def greedy_without_cache(model, prompt, n):
+    """The reference: a full forward pass over the whole sequence for every new token."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def greedy_with_cache(model, prompts, n, **kwargs):
+    steps = list(optimus.generate(model, prompts, n, temperature=0, eot_id=None, **kwargs))
+    return torch.stack(steps, 1).tolist()  # (B, n)
+
+
+def test_cached_generation_equals_full_forward_passes():
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (9,)).tolist()
+    assert greedy_with_cache(model, [prompt], 30)[0] == greedy_without_cache(model, prompt, 30)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one():
+    model = tiny_model(1)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (3, 17, 8)]
+    batched = greedy_with_cache(model, prompts, 20)
+    for prompt, row in zip(prompts, batched):
+        assert row == greedy_with_cache(model, [prompt], 20)[0]
+
+
+def test_generation_stops_each_sequence_at_end_of_text(monkeypatch):
+    model = tiny_model(2)
+    head, calls = model.logits, []
+
+    def logits(h):  # call k makes token k: row 0 ends at its 2nd token, row 1 at its 5th
+        out = head(h).clone()
+        for row, ends_at in ((0, 1), (1, 4)):
+            if len(calls) == ends_at:
+                out[row, optimus.EOT_ID] = 1e4
+        calls.append(1)
+        return out
+    monkeypatch.setattr(model, "logits", logits)
+    steps = torch.stack(list(optimus.generate(model, [[1, 2, 3], [4, 5]], 50, temperature=0,
+                                              stop_check_every=4)))          # (steps, B)
+    assert steps.shape == (8, 2)  # both done after 5 tokens, noticed at the check after 8
+    assert (steps[1:, 0] == optimus.EOT_ID).all() and steps[0, 0] != optimus.EOT_ID
+    assert (steps[4:, 1] == optimus.EOT_ID).all() and (steps[:4, 1] != optimus.EOT_ID).all()
+
+
+def test_too_long_prompt_keeps_its_newest_tokens():
+    model = tiny_model()
+    S = model.cfg.max_seq_len
+    prompt = torch.randint(0, 50257, (S + 10,)).tolist()
+    with pytest.warns(UserWarning, match="oldest tokens were dropped"):
+        long = greedy_with_cache(model, [prompt], 8)[0]
+    assert long == greedy_with_cache(model, [prompt[-(S - 8 + 1):]], 8)[0]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(optimus.generate(model, [prompt], S))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    model = tiny_model(3)
+    optimus.save_checkpoint(path, model, optimus.TrainingConfig(), step=1, best_val_loss=1.0,
+                            template=data_prep.DOLLY_TEMPLATE)
+    return path
+
+
+def run_sample(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "optimus.py"), "sample", "--impl", "ref", *args],
+                          capture_output=True, text=True, timeout=300, input=stdin)
+
+
+def test_cli_one_shot_answer_is_the_greedy_continuation(checkpoint):
+    result = run_sample("--ckpt", str(checkpoint), "--prompt", "Name a colour.", "--temperature", "0",
+                        "--max_new_tokens", "12")
+    assert result.returncode == 0, result.stderr
+    enc = optimus.load_tokenizer()
+    prompt = enc.encode_ordinary(data_prep.format_prompt(data_prep.DOLLY_TEMPLATE, "Name a colour."))
+    expected = greedy_without_cache(optimus.load_checkpoint(checkpoint)[0], prompt, 12)
+    if optimus.EOT_ID in expected:
+        expected = expected[: expected.index(optimus.EOT_ID)]
+    assert result.stdout == enc.decode(expected) + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_cli_same_seed_same_text(checkpoint):
+    runs = [run_sample("--ckpt", str(checkpoint), "--prompt", "hi", "--raw", "--seed", str(seed),
+                       "--max_new_tokens", "15") for seed in (5, 5, 6)]
+    assert all(r.returncode == 0 for r in runs)
+    assert runs[0].stdout == runs[1].stdout != runs[2].stdout
+
+
+def test_cli_interactive_commands_from_stdin(checkpoint):
+    result = run_sample("--ckpt", str(checkpoint), "--max_new_tokens", "5",
+                        stdin="/temp 0\n/top_p 2\n/show\nhello\n/help\n/quit\nnever answered\n")
+    assert result.returncode == 0, result.stderr
+    assert "temperature = 0.0" in result.stdout and "not changed: top_p" in result.stdout
+    assert "temperature=0.0" in result.stdout and "/quit" in result.stdout
+    assert result.stderr.count("tokens/s") == 1
+
+
+@pytest.mark.parametrize("args, needle", [(["--top_p", "1.5"], "top_p"), (["--temperature", "-1"], "temperature"),
+                                          (["--max_new_tokens", "500"], "max_new_tokens"),
+                                          (["--top_k", "x"], "--top_k expects an integer")])
+def test_cli_rejects_bad_arguments_in_one_line(checkpoint, args, needle):
+    result = run_sample("--ckpt", str(checkpoint), "--prompt", "hi", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+def test_cli_corrupt_truncated_and_missing_checkpoints(checkpoint, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    for path, needle in ((garbage, "corrupt"), (truncated, "corrupt"), (tmp_path / "none.pt", "does not exist"),
+                         (tmp_path, "no checkpoint in")):
+        result = run_sample("--ckpt", str(path), "--prompt", "hi")
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0] and str(path) in errors[0], result.stderr

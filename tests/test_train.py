@@ -1,0 +1,207 @@
+"""The trainer on CPU: it learns, resumes bit for bit, and never keeps a broken checkpoint."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_prep
+import optimus
+from conftest import ROOT
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def write_dolly(path, n_records=240):
+    """A Dolly-format JSONL whose responses are real English (Shakespeare speeches)."""
+    if SHAKESPEARE.is_file():
+        speeches = [s.strip() for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()]
+    else:  # the tests still run without ../shared, on generated English-like text
+        rng = np.random.default_rng(0)
+        words = "the king of a good man and my lord what is this that you will not say to me".split()
+        speeches = [" ".join(rng.choice(words, 30)) for _ in range(n_records)]
+    with open(path, "w") as f:
+        for i in range(n_records):
+            speech = speeches[i % len(speeches)]
+            record = {"instruction": f"Recite speech {i}.", "context": "", "response": speech,
+                      "category": "creative_writing"}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data_prep.prepare(str(write_dolly(root / "dolly.jsonl")), str(root / "tokens"), dataset_size=0)
+    return root / "tokens"
+
+
+def configs(tmp_path, data_dir, **overrides):
+    values = dict(impl="ref", data_dir=str(data_dir), checkpoint_dir=str(tmp_path / "ckpt"),
+                  tensorboard_dir=str(tmp_path / "runs"), run_name="test", max_length=32, batch_size=4,
+                  num_workers=0, device="cpu", log_interval=1, eval_interval=5, eval_batches=2)
+    values.update(overrides)
+    return optimus.make_configs("tiny", **values)
+
+
+def metrics(tmp_path, run="test"):
+    lines = (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_tiny_run_lowers_the_loss_and_records_itself(tmp_path, data_dir):
+    model_cfg, train_cfg = configs(tmp_path, data_dir, max_steps=40, eval_interval=20)
+    summary = optimus.train(model_cfg, train_cfg)
+    rows = metrics(tmp_path)
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    val_losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(train_losses) == 40 and len(val_losses) == 2
+    assert train_losses[0] > math.log(50257) - 1           # starts near uniform
+    assert np.mean(train_losses[-5:]) < train_losses[0] - 2  # and learns
+    assert val_losses[-1] < train_losses[0] - 2
+    assert summary["step"] == 40 and (tmp_path / "ckpt" / "latest.pt").is_file()
+    record = json.loads((tmp_path / "runs" / "test" / "config.json").read_text())
+    assert record["torch"] == torch.__version__ and record["device"] == "cpu"
+    assert record["model_config"]["dim"] == model_cfg.dim and record["data"]["format"] == "dolly"
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path, data_dir):
+    model_cfg, train_cfg = configs(tmp_path, data_dir, max_steps=5)
+    optimus.train(model_cfg, train_cfg)
+    for name in ("latest.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "ckpt" / name, weights_only=True)
+        assert ckpt["format_version"] == optimus.CHECKPOINT_VERSION and ckpt["step"] == 5
+        assert ckpt["model_config"]["dim"] == model_cfg.dim
+        assert ckpt["template"] == data_prep.DOLLY_TEMPLATE
+        assert set(ckpt["optimizer"]) == {"state", "param_groups"}
+    model, ckpt = optimus.load_checkpoint(tmp_path / "ckpt")  # a directory: its best.pt
+    assert ckpt["best_val_loss"] == pytest.approx(metrics(tmp_path)[-1]["val_loss"])
+
+
+def stop_after(trainer, last_step):
+    """Press Ctrl-C (the handler's way) during step `last_step`."""
+    step = trainer.train_step
+
+    def wrapped(batches):
+        if trainer.step + 1 == last_step:
+            trainer.request_stop()
+        return step(batches)
+    trainer.train_step = wrapped
+
+
+def test_resume_continues_bit_for_bit(tmp_path, data_dir):
+    common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3)
+    optimus.train(*configs(tmp_path / "a", data_dir, **common))
+    straight = torch.load(tmp_path / "a" / "ckpt" / "latest.pt", weights_only=True)
+
+    trainer = optimus.Trainer(*configs(tmp_path / "b", data_dir, **common))
+    stop_after(trainer, 5)
+    assert trainer.fit()["step"] == 5
+    interrupted = torch.load(tmp_path / "b" / "ckpt" / "latest.pt", weights_only=True)
+    assert interrupted["step"] == 5
+    assert optimus.train(*configs(tmp_path / "b", data_dir, resume=True, **common))["step"] == 12
+    resumed = torch.load(tmp_path / "b" / "ckpt" / "latest.pt", weights_only=True)
+
+    assert resumed["step"] == straight["step"] == 12
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    # The loss curve continues as if the run had never stopped.
+    curve_a = [r["train_loss"] for r in metrics(tmp_path / "a") if "train_loss" in r]
+    curve_b = [r["train_loss"] for r in metrics(tmp_path / "b") if "train_loss" in r]
+    assert curve_a == curve_b
+
+
+def test_resume_refuses_a_different_data_order(tmp_path, data_dir):
+    optimus.train(*configs(tmp_path, data_dir, max_steps=2))
+    with pytest.raises(optimus.UserError, match="batch_size"):
+        optimus.Trainer(*configs(tmp_path, data_dir, max_steps=4, resume=True, batch_size=8))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    model_cfg, train_cfg = configs(tmp_path, data_dir, max_steps=10, checkpoint_interval=2, eval_interval=100)
+    trainer = optimus.Trainer(model_cfg, train_cfg)
+    loss = trainer.loss
+
+    def poisoned(forward, batch, reduction="mean"):
+        value = loss(forward, batch, reduction)
+        return value * float("nan") if trainer.step >= 4 and trainer.model.training else value
+    monkeypatch.setattr(trainer, "loss", poisoned)
+    with pytest.raises(optimus.UserError, match="non-finite"):
+        trainer.fit()
+    kept = torch.load(tmp_path / "ckpt" / "latest.pt", weights_only=True)
+    assert kept["step"] == 4
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = optimus.TrainingConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    total = 110
+    assert optimus.lr_at(0, cfg, total) == pytest.approx(0.1)
+    assert optimus.lr_at(9, cfg, total) == pytest.approx(1.0)
+    for step in (10, 35, 60, 85, 110):
+        expected = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - 10) / 100))
+        assert optimus.lr_at(step, cfg, total) == pytest.approx(expected)
+
+
+def test_windows_are_deterministic_and_disjoint_across_ranks(tmp_path):
+    tokens = np.arange(1000, dtype="<u2")
+    path = tmp_path / "train.bin"
+    tokens.tofile(path)
+    whole = optimus.TrainWindows(path, max_length=10, batch_size=8, micro_batch=2, seed=1)
+    assert whole.num_windows == 99 and whole.accum == 4
+    global_batch = torch.cat([whole[3 * 4 + a] for a in range(4)])      # step 3, all micro-steps
+    ranks = [optimus.TrainWindows(path, 10, 8, 2, seed=1, rank=r, world=2) for r in range(2)]
+    per_rank = [torch.cat([w[3 * 2 + a] for a in range(2)]) for w in ranks]
+    starts = lambda rows: sorted(int(r[0]) for r in rows)
+    assert starts(torch.cat(per_rank)) == starts(global_batch)            # same global batch
+    assert not set(starts(per_rank[0])) & set(starts(per_rank[1]))        # no shared rows
+    for row in global_batch:                                              # windows of the stream
+        assert int(row[0]) % 10 == 0 and torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 11))
+    first_epoch = torch.cat([whole[i] for i in range(12 * 4)])            # 12 steps = 96 windows
+    assert len(set(starts(first_epoch))) == 96                             # no window twice in an epoch
+    assert torch.equal(whole[5], optimus.TrainWindows(path, 10, 8, 2, seed=1)[5])
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "optimus.py"), *args], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def test_cli_prepares_data_then_trains(tmp_path):
+    source = write_dolly(tmp_path / "dolly.jsonl", 60)
+    result = run_cli("train", "--preset", "tiny", "--impl", "ref", "--max_steps", "3", "--max_length", "32",
+                     "--data_input", str(source), "--data_dir", str(tmp_path / "tokens"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "preparing them first" in result.stdout and "step 3/3" in result.stdout
+    assert (tmp_path / "checkpoints" / "latest.pt").is_file()
+    assert (tmp_path / "tokens" / "meta.json").is_file()
+
+    again = run_cli("train", "--preset", "tiny", "--impl", "ref", "--resume", "--max_length", "64",
+                    "--data_dir", str(tmp_path / "tokens"), cwd=tmp_path)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "max_length" in errors[0], again.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "optimus.py"), "train", "--preset", "tiny", "--impl", "ref",
+         "--max_steps", "100000", "--max_length", "32", "--log_interval", "1", "--data_dir", str(data_dir)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 2/"):
+                process.send_signal(signal.SIGINT)
+                break
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "stopped at step" in out
+    ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
+    assert ckpt["step"] >= 2
