@@ -102,7 +102,7 @@ class TrainingConfig:
     beta2: float = cfg_field(0.95, "AdamW beta2")
     micro_batch_size: int = cfg_field(0, "sequences per forward pass; 0: auto (largest that fits on CUDA)")
     eval_interval: int = cfg_field(100, "validate every this many steps (and at the end)")
-    eval_batches: int = cfg_field(20, "validation batches (a fixed set)")
+    eval_batches: int = cfg_field(20, "validation set: this many batches of batch_size windows (fixed)")
     checkpoint_interval: int = cfg_field(500, "write latest.pt every this many steps (and at the end)")
     log_interval: int = cfg_field(10, "progress line and train metrics every this many steps")
     device: str = cfg_field("auto", "auto | cpu | cuda | cuda:N")
@@ -834,7 +834,7 @@ class Trainer:
         if self.windows.num_windows < 1:
             raise UserError(f"{data_dir / 'train.bin'} is shorter than max_length + 1 tokens: "
                             f"lower --max_length or give more data")
-        self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * self.micro_batch)
+        self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, cfg.num_epochs * self.windows.num_windows // cfg.batch_size)
         self.forward = self.wrap_model()
         self.stop_requested = False
