@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import shutil
 import sys
 import typing
 import warnings
@@ -192,9 +194,9 @@ def resolve_runtime(device: str = "auto") -> Runtime:
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, computed in float32 and rounded once to the input dtype."""
-    g = gate.float()
-    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+    """silu(gate) * up, computed in float32 (float64 for float64) and rounded once to the input dtype."""
+    g = gate.to(torch.promote_types(gate.dtype, torch.float32))
+    return (g * torch.sigmoid(g) * up.to(g.dtype)).to(gate.dtype)
 
 
 def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,17 +214,19 @@ def rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status) -> torc
     q: (B, T, H, hd); k, v: (B, T, KV, hd); cos, sin: (S_table, hd/2) float32; pos: (B, T) int64;
     k_cache, v_cache: (B, KV, S, hd), written in place; status: (1,) int32.
     Returns q rotated, as (B, H, T, hd), ready for attention.
-    A position outside [0, S) writes nothing: on CPU it raises; on CUDA (where raising would
-    need a host sync every layer) nothing in this call is written and status[0] is set to 1.
+    A position outside [0, min(S, S_table)) is never written: on CPU it raises IndexError before
+    anything is written; on CUDA (where raising would need a host sync every layer) status[0] is
+    set to 1. This reference then writes no token of the call; the CUDA kernel still writes its
+    in-range tokens. Either way a call that sets status is invalid: callers check status.
     """
     B, T = pos.shape
-    S = k_cache.shape[2]
-    bad = (pos < 0) | (pos >= min(S, cos.shape[0]))
+    limit = min(k_cache.shape[2], cos.shape[0])
+    bad = (pos < 0) | (pos >= limit)
     if pos.device.type == "cpu" and bool(bad.any()):
-        raise IndexError(f"KV cache position out of range: positions must lie in [0, {S}), "
+        raise IndexError(f"KV cache position out of range: positions must lie in [0, {limit}), "
                          f"got {int(pos.min())}..{int(pos.max())}")
     all_ok = ~bad.any()
-    p = pos.clamp(0, S - 1)                                   # (B, T)
+    p = pos.clamp(0, limit - 1)                               # (B, T)
     c, s = cos[p][:, :, None, :], sin[p][:, :, None, :]       # (B, T, 1, hd/2)
     q_rot = rotate_half_ref(q, c, s).transpose(1, 2)          # (B, H, T, hd)
     k_rot = rotate_half_ref(k, c, s)                          # (B, T, KV, hd)
@@ -241,13 +245,14 @@ def _register_python_parts() -> None:
     """Autograd and fake (meta) implementations of the C++ ops, so they train and compile."""
     lib = torch.ops.optimus
 
+    # The kernels return new contiguous tensors, whatever the inputs' strides.
     @torch.library.register_fake("optimus::swiglu")
     def _(gate, up):
-        return torch.empty_like(gate)
+        return gate.new_empty(gate.shape)
 
     @torch.library.register_fake("optimus::swiglu_backward")
     def _(grad, gate, up):
-        return torch.empty_like(gate), torch.empty_like(up)
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
     @torch.library.register_fake("optimus::rope_kv_append")
     def _(q, k, v, cos, sin, pos, k_cache, v_cache, status):
@@ -276,7 +281,6 @@ def _cuda_arch_list() -> str:
 def _toolkit_root() -> str | None:
     """The CUDA toolkit that `nvcc` on the PATH runs from, following wrapper scripts and links."""
     import re
-    import shutil
     nvcc = shutil.which("nvcc")
     candidates = []
     if nvcc:
@@ -285,6 +289,18 @@ def _toolkit_root() -> str | None:
             candidates += [Path(m).parent.parent for m in re.findall(r"(/\S+/bin/nvcc)\b", Path(nvcc).read_text())]
     candidates.append(Path("/usr/local/cuda"))
     return next((str(c) for c in candidates if (c / "include" / "cuda_runtime.h").is_file()), None)
+
+
+def cuda_toolkit() -> str | None:
+    """The CUDA toolkit the .cu kernels build with: torch's CUDA_HOME, if torch is a CUDA build and
+    that directory holds nvcc and the CUDA headers (torch guesses /usr/local from an nvcc wrapper)."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None or not home:
+        return None
+    found = (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file()
+    return home if found else None
 
 
 def load_extension(verbose: bool = False) -> None:
@@ -305,7 +321,7 @@ def load_extension(verbose: bool = False) -> None:
 
     src = Path(__file__).resolve().parent / "csrc"
     sources = sorted(str(p) for p in src.glob("*.cpp"))
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    with_cuda = cuda_toolkit() is not None
     if with_cuda:
         sources += sorted(str(p) for p in src.glob("*.cu"))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
@@ -313,8 +329,11 @@ def load_extension(verbose: bool = False) -> None:
         raise RuntimeError(f"no extension sources found in {src}")
     cpp_extension.load(
         name="optimus_ext", sources=sources, is_python_module=False, verbose=verbose,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        # -fno-trapping-math lets GCC vectorise loops with float selects (csrc/swiglu.cpp); the
+        # CUDA kernels pick their fast intrinsics by hand, so no --use_fast_math (it flushes
+        # subnormals to zero everywhere).
+        extra_cflags=["-O3", "-fno-trapping-math"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
     )
     _register_python_parts()
     _EXTENSION.update(loaded=True, cuda=with_cuda)
@@ -747,7 +766,6 @@ class RunLog:
     """runs/<run>/: config.json (what reproduces the run) and metrics.jsonl; TensorBoard if installed."""
 
     def __init__(self, run_dir: Path, record: dict, enabled: bool):
-        import json
         self.enabled, self.writer, self.path = enabled, None, run_dir / "metrics.jsonl"
         if not enabled:
             return
@@ -761,7 +779,6 @@ class RunLog:
                   "(pip install -e \".[tensorboard]\" for TensorBoard)")
 
     def log(self, step: int, **values) -> None:
-        import json
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -1382,6 +1399,210 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- export
+# A checkpoint as a Hugging Face Llama directory that `LlamaForCausalLM.from_pretrained(dir)` loads
+# with none of this code: our math is Llama's (see DESIGN.md), so the weights only change names.
+# The rotary tables are rotate-half in both, so q and k need no permutation.
+
+# Every file an export writes; --force replaces a directory that holds nothing else.
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json: LlamaConfig fields for our ModelConfig."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,  # the real vocabulary: padded rows are not exported
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads the top-level rope_theta (5 accepts it too).
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "dtype": "float32",
+        "torch_dtype": "float32",  # the name before transformers 4.56, still read by other tools
+    }
+
+
+def hf_generation_config() -> dict:
+    """generation_config.json: `model.generate()` samples like our `sample` command by default."""
+    defaults = {name: SAMPLE_FLAGS[name][1] for name in ("temperature", "top_p", "top_k", "max_new_tokens")}
+    # pad_token_id: GPT-2 has no pad token; naming EOT spares generate() its warning on every call.
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": True, **defaults}
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under Llama's names: float32, contiguous, each its own storage (safetensors' rule)."""
+    cfg = model.cfg
+    vocab = cfg.vocab_size
+    tensors = {"model.embed_tokens.weight": model.tok_emb.weight[:vocab]}  # (vocab, dim): padding cut off
+    for i, block in enumerate(model.blocks):
+        layer = f"model.layers.{i}."
+        tensors.update({
+            layer + "input_layernorm.weight": block.norm1.weight,
+            layer + "self_attn.q_proj.weight": block.attn.wq.weight,
+            layer + "self_attn.k_proj.weight": block.attn.wk.weight,
+            layer + "self_attn.v_proj.weight": block.attn.wv.weight,
+            layer + "self_attn.o_proj.weight": block.attn.wo.weight,
+            layer + "post_attention_layernorm.weight": block.norm2.weight,
+            layer + "mlp.gate_proj.weight": block.mlp.gate.weight,
+            layer + "mlp.up_proj.weight": block.mlp.up.weight,
+            layer + "mlp.down_proj.weight": block.mlp.down.weight,
+        })
+    tensors["model.norm.weight"] = model.norm.weight
+    if not cfg.tie_embeddings:  # tied: transformers re-ties lm_head to embed_tokens on load
+        tensors["lm_head.weight"] = model.head.weight[:vocab]
+    return {name: t.detach().to(torch.float32, copy=True).contiguous() for name, t in tensors.items()}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> character map: vocab.json and merges.txt spell token bytes with it.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) take the
+    characters from U+0100 on, in byte order, so no token string holds whitespace.
+    """
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+
+
+def bpe_parts(ranks: dict[bytes, int], token: bytes) -> list[bytes]:
+    """The pieces byte-level BPE holds just before it merges `token`: tiktoken's rule (merge the
+    adjacent pair whose join ranks lowest), using only merges ranked below `token` itself."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
+        if rank >= limit:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
+    """GPT-2's tokenizer for transformers (slow and fast), rebuilt offline from tiktoken's ranks.
+
+    tiktoken keeps only each token's bytes and rank; a merges list needs the pair each token is
+    made from, which is where BPE on the token's own bytes stops one merge short of it.
+    Returns {file name: JSON object, or text for merges.txt}.
+    """
+    enc = load_tokenizer()
+    ranks = enc._mergeable_ranks  # bytes -> id; tiktoken has no public accessor for them
+    to_text = byte_to_unicode()
+
+    def spell(token: bytes) -> str:
+        return "".join(to_text[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = bpe_parts(ranks, token)
+        if len(parts) != 2:
+            raise RuntimeError(f"tiktoken's gpt2 token {rank} ({token!r}) is not one merge of two tokens")
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    eot = enc.decode_single_token_bytes(EOT_ID).decode()
+    vocab = {spell(token): rank for token, rank in ranks.items()} | {eot: EOT_ID}
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer_json = {  # the `tokenizers` library's format, for the fast tokenizer
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": EOT_ID, "content": eot, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": {"type": "ByteLevel", **byte_level},
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer", **special, "add_bos_token": False, "add_prefix_space": False,
+        # Decoding must give back exactly the text (tiktoken's round trip), not tidied spaces.
+        "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": model_max_length,
+    }
+    return {
+        "vocab.json": vocab,
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": tokenizer_config,
+        "special_tokens_map.json": special,
+    }
+
+
+def check_export_dir(out: Path, ckpt: Path, force: bool) -> None:
+    """Refuse an --out that would lose data: a file, another project's files, the checkpoint itself."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory: choose another --out")
+    if ckpt.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"{out} holds the checkpoint being exported ({ckpt}): choose another --out")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not force:
+        raise UserError(f"{out} exists and is not empty: pass --force or choose another --out")
+    foreign = [name for name in entries if name not in HF_FILES]
+    if foreign:  # --force deletes the old directory, so it must hold only a previous export
+        raise UserError(f"{out} holds files that are not from an export ({', '.join(foreign[:3])}): "
+                        f"--force only replaces a previous export; choose another --out")
+
+
+def export_hf(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write checkpoint `ckpt` as a Hugging Face Llama model directory `out_dir`, returned as a Path.
+
+    Files are written into a temporary sibling directory that takes the name `out_dir` only when
+    complete, so a crash never leaves a half-written model; with `force` it replaces an earlier
+    export, and the old one goes only after the new one is in place.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError('export needs the safetensors package: pip install -e ".[hf]"') from None
+    out = Path(os.path.abspath(out_dir))  # "." or "..": the staging sibling must sit beside it, not in it
+    ckpt_path = find_checkpoint(ckpt)
+    check_export_dir(out, ckpt_path, force)  # before loading: a large checkpoint takes a while
+    model, _ = load_checkpoint(ckpt_path, "cpu")
+    cfg = model.cfg
+    tokenizer = load_tokenizer()
+    if cfg.vocab_size < tokenizer.n_vocab:
+        raise UserError(f"the checkpoint's vocab_size {cfg.vocab_size} is smaller than GPT-2's "
+                        f"{tokenizer.n_vocab}: its tokenizer cannot be exported with it")
+
+    # Named like atomic_write's temporary files; mkdir (not mkdtemp's 0700) keeps the user's umask.
+    staging, old = (out.with_name(f".{out.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run that had our pid
+    staging.mkdir(parents=True)
+    try:
+        files = {"config.json": hf_config(cfg), "generation_config.json": hf_generation_config(),
+                 **gpt2_tokenizer_files(cfg.max_seq_len)}
+        for name, content in files.items():
+            text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+            (staging / name).write_text(text, encoding="utf-8")
+        # transformers 4.x refuses a safetensors file whose metadata lacks "format": "pt"
+        save_file(hf_state_dict(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1451,7 +1672,7 @@ SAMPLE_FLAGS: dict[str, tuple[type, object, str]] = {
 EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
     "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),
     "out": (str, None, "output directory for the Hugging Face model"),
-    "force": (bool, False, "write into an existing non-empty directory"),
+    "force": (bool, False, "replace an earlier export in --out"),
 }
 
 
@@ -1491,8 +1712,14 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    command_flags(argv, EXPORT_FLAGS)
-    raise UserError("`export` is not built yet (issue 6: Hugging Face export)")
+    """Write a checkpoint as a Hugging Face Llama model directory."""
+    flags = command_flags(argv, EXPORT_FLAGS)
+    if not flags["out"]:
+        raise UserError("export needs --out DIR: the directory to write the Hugging Face model to")
+    out = export_hf(flags["ckpt"], flags["out"], force=flags["force"])
+    print(f"exported {find_checkpoint(flags['ckpt'])} to {out}/ ({', '.join(HF_FILES)})")
+    print(f"load it with transformers: LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
