@@ -292,12 +292,13 @@ def _toolkit_root() -> str | None:
 
 
 def cuda_toolkit() -> str | None:
-    """The CUDA toolkit the .cu kernels build with: torch's CUDA_HOME, if torch is a CUDA build and
-    that directory holds nvcc and the CUDA headers (torch guesses /usr/local from an nvcc wrapper)."""
-    from torch.utils import cpp_extension
-
-    home = cpp_extension.CUDA_HOME
-    if torch.version.cuda is None or not home:
+    """The CUDA toolkit the .cu kernels build with, or None: CUDA_HOME (or CUDA_PATH) if set, else
+    the toolkit behind the nvcc on the PATH; only for a CUDA build of torch, and only a directory
+    that holds nvcc and the CUDA headers."""
+    if torch.version.cuda is None:
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _toolkit_root()
+    if not home:
         return None
     found = (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file()
     return home if found else None
@@ -311,28 +312,37 @@ def load_extension(verbose: bool = False) -> None:
     """
     if _EXTENSION.get("loaded"):
         return
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and _toolkit_root():
+    toolkit = cuda_toolkit()
+    if toolkit and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         # torch would take CUDA_HOME from the nvcc on the PATH, which may be a wrapper script
         # outside the toolkit (e.g. /usr/local/bin/nvcc -> headers looked for in /usr/local).
-        os.environ["CUDA_HOME"] = _toolkit_root()
+        os.environ["CUDA_HOME"] = toolkit
     import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
     from torch.utils import cpp_extension
+    if toolkit and cpp_extension.CUDA_HOME != toolkit:
+        # torch reads CUDA_HOME once, when cpp_extension is first imported (torch.compile does it
+        # early): a guess made then from a wrapper script would break the link (-L<guess>/lib64).
+        cpp_extension.CUDA_HOME = toolkit
 
     src = Path(__file__).resolve().parent / "csrc"
     sources = sorted(str(p) for p in src.glob("*.cpp"))
-    with_cuda = cuda_toolkit() is not None
+    with_cuda = toolkit is not None
     if with_cuda:
         sources += sorted(str(p) for p in src.glob("*.cu"))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
     if not sources:
         raise RuntimeError(f"no extension sources found in {src}")
+    # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels would run on one thread.
+    # The extension then shares torch's libgomp (same soname, already loaded), so one thread pool.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     cpp_extension.load(
         name="optimus_ext", sources=sources, is_python_module=False, verbose=verbose,
         # -fno-trapping-math lets GCC vectorise loops with float selects (csrc/swiglu.cpp); the
         # CUDA kernels pick their fast intrinsics by hand, so no --use_fast_math (it flushes
         # subnormals to zero everywhere).
-        extra_cflags=["-O3", "-fno-trapping-math"],
+        extra_cflags=["-O3", "-fno-trapping-math", *openmp],
+        extra_ldflags=openmp,
         extra_cuda_cflags=["-O3", "-lineinfo"],
     )
     _register_python_parts()

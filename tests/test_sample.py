@@ -9,7 +9,7 @@ import torch
 
 import data_prep
 import optimus
-from conftest import ROOT
+from conftest import ROOT, requires_cuda
 
 
 def nucleus_reference(probs, top_p):
@@ -192,3 +192,29 @@ def test_cli_corrupt_truncated_and_missing_checkpoints(checkpoint, tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and needle in errors[0] and str(path) in errors[0], result.stderr
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["ref", "ext"])
+def test_cuda_graph_decoding_equals_full_forward_passes(impl):
+    torch.manual_seed(4)
+    model_cfg, _ = optimus.make_configs("tiny", impl=impl)
+    model = optimus.Transformer(model_cfg).cuda().eval()
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 12)]
+    decoder = optimus.Decoder(model, 2, use_graph=True)
+    assert decoder.graph is not None
+    batched = torch.stack(list(optimus.generate(model, prompts, 24, temperature=0, eot_id=None,
+                                                decoder=decoder)), 1).tolist()
+    for prompt, row in zip(prompts, batched):
+        assert row == greedy_without_cache(model, prompt, 24)
+    # The same decoder serves a second request (the interactive prompt reuses it).
+    again = torch.stack(list(optimus.generate(model, prompts[::-1], 24, temperature=0, eot_id=None,
+                                              decoder=decoder)), 1).tolist()
+    assert again == batched[::-1]
+
+
+@requires_cuda
+def test_cuda_sampling_is_seeded_and_on_device():
+    logits = torch.randn(4, 1000, device="cuda")
+    draws = [optimus.sample_next(logits, 0.8, 0.9, 0, torch.Generator("cuda").manual_seed(3)) for _ in range(2)]
+    assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])

@@ -12,7 +12,7 @@ import torch
 
 import data_prep
 import optimus
-from conftest import ROOT
+from conftest import ROOT, requires_cuda
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -205,3 +205,17 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     assert "stopped at step" in out
     ckpt = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)
     assert ckpt["step"] >= 2
+
+
+@requires_cuda
+def test_cuda_run_with_autocast_and_batch_finder(tmp_path, data_dir):
+    model_cfg, train_cfg = configs(tmp_path, data_dir, device="cuda", impl="auto", max_steps=30,
+                                   eval_interval=30, compile="false")
+    summary = optimus.train(model_cfg, train_cfg)
+    rows = metrics(tmp_path)
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert summary["micro_batch"] == 4  # a tiny model: the whole batch fits
+    assert np.mean(train_losses[-5:]) < train_losses[0] - 2
+    assert "mfu" in rows[-2] or "mfu" in rows[-1] or optimus.peak_flops(torch.device("cuda")) is None
+    model, _ = optimus.load_checkpoint(tmp_path / "ckpt", "cuda")
+    assert model.tok_emb.weight.dtype == torch.float32  # master weights stay float32 under autocast

@@ -1,0 +1,354 @@
+"""Optimus Prime benchmarks: measured speed, the extension (ext) against its pure-PyTorch reference
+(ref) and torch.compile(ref) (compile), side by side in one run.
+
+    python bench.py [--device cuda|cpu] [--json FILE] [--only SECTION[,SECTION...]]
+
+Sections are functions `device -> list[dict]`, one row per measurement; main() runs the chosen
+ones, prints each as a table and writes every row to --json. Timing: warm-up calls (which also
+compile), then the median of many samples, timed with CUDA events on a GPU and perf_counter on
+the CPU (where the ops are synchronous). Benchmarks measure; the tests assert.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import optimus
+
+# ----------------------------------------------------------------------------- timing
+
+MIN_SAMPLE_S = 1e-3  # a sample repeats the call until it lasts this long: CUDA events resolve ~1 us
+
+
+@dataclass
+class Budget:
+    """How hard to measure: warm-up calls and samples (the median of which is reported)."""
+    warmup: int
+    samples: int
+
+
+BUDGETS = {"cuda": Budget(warmup=5, samples=30), "cpu": Budget(warmup=1, samples=3)}
+
+
+def seconds_per_call(fn: Callable[[int], object], device: torch.device, budget: Budget | None = None) -> float:
+    """Median seconds per call of fn(i); i counts the calls, so fn can rotate through input sets."""
+    budget = budget or BUDGETS[device.type]
+    calls = 0
+
+    def run(n: int) -> None:
+        nonlocal calls
+        for _ in range(n):
+            fn(calls)
+            calls += 1
+
+    run(budget.warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    repeat = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-9))))
+    if device.type == "cpu":
+        repeat = 1  # the smoke run stays short; CPU timings are not the point
+    samples = []
+    for _ in range(budget.samples):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run(repeat)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3 / repeat)
+        else:
+            start = time.perf_counter()
+            run(repeat)
+            samples.append((time.perf_counter() - start) / repeat)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device) -> tuple[int, float]:
+    """(tensor bytes, bytes per second) of a large same-device tensor.copy_, read plus write."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)  # 1 GiB: far beyond any L2
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return n, 2 * n / seconds_per_call(lambda i: dst.copy_(src), device)
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@dataclass
+class KernelCase:
+    """One op at one shape. `make` builds a fresh input set; each entry of `impls` turns an input
+    set into a zero-argument call (done before timing, e.g. the forward a backward needs)."""
+    op: str
+    shape: str
+    dtype: torch.dtype
+    bytes: int  # minimum traffic: every input byte read once, every output byte written once
+    make: Callable[[], tuple]
+    impls: dict[str, Callable[[tuple], Callable[[], object]]]
+    cold: bool  # large shapes: rotate through input sets that together exceed the L2 cache
+
+
+def swiglu_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    compiled = torch.compile(optimus.swiglu_ref, dynamic=False)
+    train_tokens = 64 * 512 if device.type == "cuda" else 2 * 512
+    hidden = 2816  # the base model's MLP width
+    cases = []
+    for tokens, cold in ((train_tokens, True), (1, False), (16, False)):
+        shape = (tokens, hidden)
+        size = tokens * hidden * dtype.itemsize
+
+        def make(shape=shape):
+            return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(3))  # gate, up, grad
+
+        def backward(forward):
+            def prepare(x):  # the forward once; each timed call is the backward alone
+                gate, up, grad = x[0].detach().requires_grad_(), x[1].detach().requires_grad_(), x[2]
+                out = forward(gate, up)
+                return lambda: torch.autograd.grad(out, (gate, up), grad, retain_graph=True)
+            return prepare
+
+        cases.append(KernelCase("swiglu fwd", f"{tokens}x{hidden}", dtype, 3 * size, make, {
+            "ext": lambda x: lambda: torch.ops.optimus.swiglu(x[0], x[1]),
+            "ref": lambda x: lambda: optimus.swiglu_ref(x[0], x[1]),
+            "compile": lambda x: lambda: compiled(x[0], x[1]),
+        }, cold))
+        cases.append(KernelCase("swiglu bwd", f"{tokens}x{hidden}", dtype, 5 * size, make, {
+            "ext": backward(lambda g, u: optimus.swiglu(g, u, impl="ext")),
+            "ref": backward(optimus.swiglu_ref),
+            "compile": backward(compiled),
+        }, cold))
+    return cases
+
+
+def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    compiled = torch.compile(optimus.rope_kv_append_ref, dynamic=False)
+    H, KV, hd = 8, 2, 128  # the base model's attention
+    prefill_batch = 8 if device.type == "cuda" else 2
+    cases = []
+    for B, T, S, cold in ((prefill_batch, 512, 512, True), (1, 1, 2048, False), (16, 1, 2048, False)):
+        def make(B=B, T=T, S=S):
+            angles = torch.rand(S, hd // 2, device=device) * 2 * math.pi
+            if T > 1:  # prefill: positions 0..T-1 in every row
+                pos = torch.arange(T, device=device).expand(B, T).contiguous()
+            else:  # decode: each row somewhere in its sequence
+                pos = torch.randint(0, S, (B, 1), device=device)
+            return (torch.randn(B, T, H, hd, device=device, dtype=dtype),
+                    torch.randn(B, T, KV, hd, device=device, dtype=dtype),
+                    torch.randn(B, T, KV, hd, device=device, dtype=dtype),
+                    angles.cos(), angles.sin(), pos,
+                    torch.zeros(B, KV, S, hd, device=device, dtype=dtype),
+                    torch.zeros(B, KV, S, hd, device=device, dtype=dtype),
+                    torch.zeros(1, dtype=torch.int32, device=device))
+
+        rows = min(B * T, S)  # distinct positions: each reads one cos and one sin row
+        traffic = (2 * B * T * (H + 2 * KV) * hd * dtype.itemsize  # q, k, v read; q, caches written
+                   + 2 * rows * (hd // 2) * 4 + B * T * 8)          # cos and sin rows, pos
+        cases.append(KernelCase("rope_kv_append", f"B{B} T{T} S{S}", dtype, traffic, make, {
+            "ext": lambda x: lambda: torch.ops.optimus.rope_kv_append(*x),
+            "ref": lambda x: lambda: optimus.rope_kv_append_ref(*x),
+            "compile": lambda x: lambda: compiled(*x),
+        }, cold))
+    return cases
+
+
+def bench_kernels(device: torch.device) -> list[dict]:
+    """GB/s of each fused op (minimum traffic / median time), ext vs ref vs compile, and each
+    kernel's fraction of the device's copy bandwidth measured in the same run (the first row: its
+    ext columns are the copy itself). `sets`: input sets the timed calls rotate through, so that
+    the large shapes read from DRAM, not from the L2 cache."""
+    optimus.resolve_impl("ext", device)  # raises, with the reason, when the kernels are missing
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    copy_bytes, copy = copy_bandwidth(device)
+    rows = [{"op": "copy_ (yardstick)", "shape": f"{copy_bytes >> 20} MiB", "dtype": "uint8",
+             "MB": 2 * copy_bytes / 1e6, "sets": 1, "ext_us": 2 * copy_bytes / copy * 1e6,
+             "ext_GB/s": copy / 1e9, "ext_of_copy": 1.0}]
+    l2 = l2_bytes(device)
+    for case in swiglu_cases(device, dtype) + rope_cases(device, dtype):
+        n_sets = 1
+        if case.cold and case.bytes < 3 * l2:
+            n_sets = min(16, math.ceil(3 * l2 / case.bytes))
+        sets = [case.make() for _ in range(n_sets)]
+        row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).removeprefix("torch."),
+               "MB": case.bytes / 1e6, "sets": n_sets}
+        for name, prepare in case.impls.items():
+            try:
+                calls = [prepare(s) for s in sets]
+                t = seconds_per_call(lambda i: calls[i % n_sets](), device)
+            except Exception as exc:  # one failing implementation (e.g. a compile error) keeps the rest
+                print(f"warning: {case.op} {case.shape} {name}: {type(exc).__name__}: {exc}".splitlines()[0],
+                      file=sys.stderr)
+                row[f"{name}_us"] = row[f"{name}_GB/s"] = None
+                continue
+            finally:
+                calls = None
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_GB/s"] = case.bytes / t / 1e9
+        if row["ext_us"]:
+            row["ext_of_copy"] = row["ext_GB/s"] * 1e9 / copy
+            row["ext_vs_ref"] = row["ref_us"] / row["ext_us"] if row["ref_us"] else None
+            row["ext_vs_compile"] = row["compile_us"] / row["ext_us"] if row["compile_us"] else None
+        rows.append(row)
+        del sets
+    return rows
+
+
+# ----------------------------------------------------------------------------- train step
+
+# Whole optimizer steps last 0.1 s to seconds: fewer samples, and a warm-up that covers compilation.
+STEP_BUDGETS = {"cuda": Budget(warmup=3, samples=8), "cpu": Budget(warmup=1, samples=2)}
+
+
+def random_token_dir(root: Path, tokens: int) -> Path:
+    """A data directory of uniformly random GPT-2 ids: step speed does not depend on the text."""
+    import numpy as np
+    data = root / "tokens"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", tokens), ("val.bin", tokens // 10)):
+        rng.integers(0, optimus.EOT_ID, n, dtype=np.uint16).astype("<u2").tofile(data / name)
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "template": None, "format": "random"}))
+    return data
+
+
+def bench_train(device: torch.device) -> list[dict]:
+    """The trainer's own optimizer step on the default model: tokens/s, MFU and peak memory, for
+    ext and ref kernels, eager and compiled, at the default batch and at a batch the finder splits."""
+    import tempfile
+    if device.type == "cpu":  # the default model takes minutes per step on a CPU: measure `tiny`
+        cases = [("tiny", dict(batch_size=8, max_length=64), impl, "false") for impl in ("ext", "ref")]
+    else:
+        cases = [("base", dict(batch_size=8), "ext", "true"), ("base", dict(batch_size=8), "ref", "true"),
+                 ("base", dict(batch_size=8), "ext", "false"), ("base", dict(batch_size=8), "ref", "false"),
+                 ("base", dict(batch_size=512), "ext", "true")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = random_token_dir(Path(tmp), 4_000_000 if device.type == "cuda" else 200_000)
+        for preset, overrides, impl, compiled in cases:
+            model_cfg, train_cfg = optimus.make_configs(
+                preset, impl=impl, compile=compiled, device=str(device), data_dir=str(data), num_workers=2,
+                checkpoint_dir=str(Path(tmp) / "ckpt"), tensorboard_dir=str(Path(tmp) / "runs"),
+                max_steps=1000, eval_batches=1, **overrides)
+            trainer = optimus.Trainer(model_cfg, train_cfg)
+            batches = iter(optimus.train_loader(trainer.windows, 0, 1000, 2, pin=device.type == "cuda"))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = seconds_per_call(lambda i: trainer.train_step(batches), device, STEP_BUDGETS[device.type])
+            tokens = train_cfg.batch_size * train_cfg.max_length
+            row = {"model": preset, "impl": impl, "compile": compiled, "batch": train_cfg.batch_size,
+                   "micro_batch": trainer.micro_batch, "step_ms": seconds * 1e3, "tokens/s": tokens / seconds}
+            peak = optimus.peak_flops(device)
+            if peak:
+                row["mfu"] = optimus.flops_per_token(trainer.model, train_cfg.max_length) * tokens / seconds / peak
+                row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append(row)
+            del trainer, batches
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def bench_decode(device: torch.device) -> list[dict]:
+    """Generation at batch 1: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt,
+    random weights (bf16 on CUDA), tokens/s including the prefill; ext vs ref, CUDA graph or not."""
+    cuda = device.type == "cuda"
+    preset, new_tokens = ("base", 256) if cuda else ("tiny", 64)
+    cases = [("ext", True), ("ref", True), ("ext", False), ("ref", False)] if cuda else [("ext", False), ("ref", False)]
+    rows = []
+    for impl, graph in cases:
+        model_cfg, _ = optimus.make_configs(preset, impl=impl)
+        torch.manual_seed(0)
+        model = optimus.Transformer(model_cfg).to(device).eval()
+        if cuda:
+            model = model.to(optimus.resolve_runtime(str(device)).dtype)
+        optimus.resolve_impl(impl, device)
+        decoder = optimus.Decoder(model, 1, use_graph=graph)
+        prompt = [torch.randint(0, optimus.EOT_ID, (16,)).tolist()]
+        generator = torch.Generator(device).manual_seed(0)
+
+        def run(i: int) -> None:
+            for token in optimus.generate(model, prompt, new_tokens, temperature=0.8, top_p=0.9,
+                                          generator=generator, eot_id=None, decoder=decoder):
+                pass
+            token.cpu()  # the last token on the host: the whole answer is done
+
+        seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
+        rows.append({"model": preset, "impl": impl, "cuda_graph": graph, "batch": 1, "new_tokens": new_tokens,
+                     "tokens/s": new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3})
+        del decoder, model
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+
+SECTIONS: dict[str, Callable[[torch.device], list[dict]]] = {
+    "kernels": bench_kernels,
+    "train": bench_train,
+    "decode": bench_decode,
+}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as aligned text columns: the union of their keys, the fullest row's order first."""
+    columns = list(dict.fromkeys(key for row in sorted(rows, key=len, reverse=True) for key in row))
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return "" if value is None else str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(text.rjust(w) for text, w in zip(line, widths)) for line in table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cuda | cpu | auto (cuda when available)")
+    parser.add_argument("--json", help="also write every row, with the environment, to this file")
+    parser.add_argument("--only", help=f"comma-separated sections to run (default all: {', '.join(SECTIONS)})")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    try:
+        device = optimus.resolve_runtime(args.device).device
+    except optimus.UserError as exc:
+        parser.error(str(exc))
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    results = {}
+    for name in names:
+        rows = SECTIONS[name](device)
+        results[name] = rows
+        print(f"\n== {name}\n{format_table(rows)}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "sections": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
