@@ -27,11 +27,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#ifdef OPTIMUS_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <sstream>
+#include <limits>
+#include <string>
+
+#include "text.h"
 
 namespace optimus {
 namespace {
@@ -97,15 +104,17 @@ void check_positions(const at::Tensor& pos, int64_t S, int64_t table) {
   const int64_t* p = pos.const_data_ptr<int64_t>();
   const int64_t n = pos.numel(), T = pos.size(1);
   int64_t bad = 0;
-  std::ostringstream quoted;
+  std::string quoted;
   for (int64_t i = 0; i < n; ++i) {
     if (p[i] >= 0 && p[i] < limit) continue;
-    if (bad < kQuotedPositions) quoted << (bad ? ", " : "") << p[i] << " at pos[" << i / T << ", " << i % T << "]";
+    if (bad < kQuotedPositions) {
+      quoted += (bad ? ", " : "") + num(p[i]) + " at pos[" + num(i / T) + ", " + num(i % T) + "]";
+    }
     ++bad;
   }
   TORCH_CHECK_INDEX(bad == 0, "optimus::rope_kv_append: KV cache position out of range: positions must lie in [0, ",
-                    limit, ") (cache length ", S, ", rotary table length ", table, "), got ", quoted.str(),
-                    bad > kQuotedPositions ? ", ..." : "", " (", bad, " of ", n, " positions)");
+                    num(limit), ") (cache length ", num(S), ", rotary table length ", num(table), "), got ", quoted,
+                    bad > kQuotedPositions ? ", ..." : "", " (", num(bad), " of ", num(n), " positions)");
 }
 
 }  // namespace
@@ -116,27 +125,28 @@ void check_rope_kv_append_args(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& status) {
   constexpr const char* op = "optimus::rope_kv_append";
-  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, T, H, hd), got shape ", q.sizes());
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, T, H, hd), got shape ", shape(q.sizes()));
   const int64_t B = q.size(0), T = q.size(1), hd = q.size(3);
-  TORCH_CHECK(hd > 0 && hd % 2 == 0, op, ": head dim must be even and positive for rotary, got ", hd);
+  TORCH_CHECK(hd > 0 && hd % 2 == 0, op, ": head dim must be even and positive for rotary, got ", num(hd));
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == T && k.size(3) == hd, op,
-              ": k must be (B, T, KV, hd) = (", B, ", ", T, ", KV, ", hd, ") like q, got ", k.sizes());
+              ": k must be (B, T, KV, hd) = (", num(B), ", ", num(T), ", KV, ", num(hd), ") like q, got ", shape(k.sizes()));
   const int64_t KV = k.size(2);
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", shape(k.sizes()), ", got ", shape(v.sizes()));
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == hd / 2 && cos.size(0) > 0, op,
-              ": cos must be (S_table, hd/2) = (S_table, ", hd / 2, "), got ", cos.sizes());
-  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", cos.sizes(), ", got ", sin.sizes());
+              ": cos must be (S_table, hd/2) = (S_table, ", num(hd / 2), "), got ", shape(cos.sizes()));
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", shape(cos.sizes()), ", got ", shape(sin.sizes()));
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, op,
               ": cos and sin must be float32 (a bf16 table loses precision), got ", cos.scalar_type(), " and ",
               sin.scalar_type());
-  TORCH_CHECK(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == T, op, ": pos must be (B, T) = (", B, ", ", T,
-              "), got ", pos.sizes());
+  TORCH_CHECK(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == T, op, ": pos must be (B, T) = (", num(B), ", ", num(T),
+              "), got ", shape(pos.sizes()));
   TORCH_CHECK(pos.scalar_type() == at::kLong, op, ": pos must be int64, got ", pos.scalar_type());
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == KV && k_cache.size(3) == hd &&
                   k_cache.size(2) > 0,
-              op, ": k_cache must be (B, KV, S, hd) = (", B, ", ", KV, ", S, ", hd, "), got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
+              op, ": k_cache must be (B, KV, S, hd) = (", num(B), ", ", num(KV), ", S, ", num(hd), "), got ",
+              shape(k_cache.sizes()));
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", shape(k_cache.sizes()),
+              ", got ", shape(v_cache.sizes()));
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op,
               ": k_cache and v_cache must be contiguous (they are written in place, so they cannot be copied)");
   const auto dtype = q.scalar_type();
@@ -151,7 +161,7 @@ void check_rope_kv_append_args(const at::Tensor& q, const at::Tensor& k, const a
   same_dtype("k_cache", k_cache);
   same_dtype("v_cache", v_cache);
   TORCH_CHECK(status.numel() == 1 && status.scalar_type() == at::kInt, op,
-              ": status must be a one-element int32 tensor, got ", status.scalar_type(), " of shape ", status.sizes());
+              ": status must be a one-element int32 tensor, got ", status.scalar_type(), " of shape ", shape(status.sizes()));
   const auto same_device = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device(),
                 "; move all arguments to one device");
@@ -195,3 +205,41 @@ at::Tensor rope_kv_append_cpu(const at::Tensor& q, const at::Tensor& k, const at
 TORCH_LIBRARY_IMPL(optimus, CPU, m) {
   m.impl("rope_kv_append", &optimus::rope_kv_append_cpu);
 }
+
+#ifdef OPTIMUS_WITH_CUDA
+// The CUDA op: checks and allocation here, the kernel in rope_kv_append.cu. The checks are the CPU
+// kernel's, shared.
+namespace optimus {
+
+cudaError_t rope_kv_append_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
+                                at::Tensor& v_cache, at::Tensor& status);
+
+namespace {
+
+at::Tensor rope_kv_append_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                  const at::Tensor& sin, const at::Tensor& pos, at::Tensor& k_cache,
+                                  at::Tensor& v_cache, at::Tensor& status) {
+  check_rope_kv_append_args(q, k, v, cos, sin, pos, k_cache, v_cache, status);
+  TORCH_CHECK(q.is_cuda(), "optimus::rope_kv_append: the CUDA kernel got q on ", q.device());
+  constexpr int64_t kMaxIndex = std::numeric_limits<int>::max();
+  TORCH_CHECK(k_cache.size(2) <= kMaxIndex, "optimus::rope_kv_append: a cache of ", num(k_cache.size(2)),
+              " positions exceeds the kernel's 32-bit index");
+  const int64_t threads = q.size(0) * q.size(1) * (q.size(2) + 2 * k.size(2)) * (q.size(3) / 2);  // 1-element packs
+  TORCH_CHECK(threads <= kMaxIndex, "optimus::rope_kv_append: ", num(threads),
+              " rows x packs exceed the kernel's 32-bit index; split the call into smaller batches");
+  const c10::cuda::OptionalCUDAGuard device_guard(q.device());
+  const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous(), p = pos.contiguous();
+  at::Tensor q_out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());  // (B, H, T, hd)
+  C10_CUDA_CHECK(rope_kv_append_cuda(qc, kc, vc, c, s, p, q_out, k_cache, v_cache, status));
+  return q_out;
+}
+
+}  // namespace
+}  // namespace optimus
+
+TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
+  m.impl("rope_kv_append", &optimus::rope_kv_append_cuda_op);
+}
+#endif

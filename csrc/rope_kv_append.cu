@@ -30,26 +30,16 @@
  *
  * Dtypes: q, k, v and the caches share one of float32, bfloat16, float16. Math in float32.
  */
-#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <limits>
 
 namespace optimus {
-
-// Defined in rope_kv_append.cpp: the argument checks both kernels share.
-void check_rope_kv_append_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                               const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& status);
-
 namespace {
 
 constexpr int kThreads = 256;   // threads per block
@@ -170,6 +160,9 @@ rope_kv_append_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 }
 
 // ----------------------------------------------------------------------------- launchers
+// Called by rope_kv_append.cpp once every argument is checked: argument checks and errors live in one
+// place for the CPU and CUDA kernels, and the launchers only launch, returning the launch's error
+// code for the caller to raise.
 
 bool aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kPackBytes == 0;
@@ -190,61 +183,53 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
             at::Tensor& v_cache, at::Tensor& status, RopeArgs args) {
   args.packs = args.hd / 2 / V;
-  const int64_t threads = q.size(0) * q.size(1) * static_cast<int64_t>(args.H + 2 * args.KV) * args.packs;
-  TORCH_CHECK(threads <= std::numeric_limits<int>::max(), "optimus::rope_kv_append: ", threads,
-              " rows x packs exceed the kernel's 32-bit index; split the call into smaller batches");
-  args.threads = static_cast<int>(threads);
-  if (threads == 0) return;  // an empty batch: nothing to launch
-  const unsigned int blocks = static_cast<unsigned int>((threads + kThreads - 1) / kThreads);
+  args.threads = static_cast<int>(q.size(0) * q.size(1) * (args.H + 2 * args.KV) * args.packs);  // < 2^31: checked
+  if (args.threads == 0) return;  // an empty batch: nothing to launch
+  const unsigned int blocks = static_cast<unsigned int>((args.threads + kThreads - 1) / kThreads);
   rope_kv_append_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), cos.const_data_ptr<float>(),
-      sin.const_data_ptr<float>(), pos.const_data_ptr<int64_t>(), q_out.mutable_data_ptr<T>(),
-      k_cache.mutable_data_ptr<T>(), v_cache.mutable_data_ptr<T>(), status.mutable_data_ptr<int>(), args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
+      static_cast<const T*>(v.const_data_ptr()), static_cast<const float*>(cos.const_data_ptr()),
+      static_cast<const float*>(sin.const_data_ptr()), static_cast<const int64_t*>(pos.const_data_ptr()),
+      static_cast<T*>(q_out.mutable_data_ptr()), static_cast<T*>(k_cache.mutable_data_ptr()),
+      static_cast<T*>(v_cache.mutable_data_ptr()), static_cast<int*>(status.mutable_data_ptr()), args);
 }
 
-// A view whose last dimension is contiguous (the kernel indexes the other dimensions by stride).
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
+template <typename T>
+void launch_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                   const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
+                   at::Tensor& v_cache, at::Tensor& status, const RopeArgs& args) {
+  constexpr int V = kPackBytes / sizeof(T);
+  const bool vec = (args.hd / 2) % V == 0 && rows_aligned(q, args.q_stride, V) && rows_aligned(k, args.k_stride, V) &&
+                   rows_aligned(v, args.v_stride, V) && aligned(cos.const_data_ptr()) && aligned(sin.const_data_ptr()) &&
+                   aligned(k_cache.const_data_ptr()) && aligned(v_cache.const_data_ptr());  // q_out is fresh: aligned
+  if (vec) launch<T, V>(q, k, v, cos, sin, pos, q_out, k_cache, v_cache, status, args);
+  else launch<T, 1>(q, k, v, cos, sin, pos, q_out, k_cache, v_cache, status, args);
 }
 
-at::Tensor rope_kv_append_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                               const at::Tensor& sin, const at::Tensor& pos, at::Tensor& k_cache,
-                               at::Tensor& v_cache, at::Tensor& status) {
-  check_rope_kv_append_args(q, k, v, cos, sin, pos, k_cache, v_cache, status);
-  TORCH_CHECK(q.is_cuda(), "optimus::rope_kv_append: the CUDA kernel got q on ", q.device());
-  TORCH_CHECK(k_cache.size(2) <= std::numeric_limits<int>::max(), "optimus::rope_kv_append: a cache of ",
-              k_cache.size(2), " positions exceeds the kernel's 32-bit index");
-  const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
-  const at::Tensor c = cos.contiguous(), s = sin.contiguous(), p = pos.contiguous();
-  at::Tensor q_out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());  // (B, H, T, hd)
+}  // namespace
+
+// Arguments checked by rope_kv_append.cpp: one dtype (float32, bfloat16 or float16), rows with a
+// contiguous last dimension, contiguous cos/sin/pos/caches, all on the current device, and
+// B * T * (H + 2 KV) * hd / 2 < 2^31.
+cudaError_t rope_kv_append_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
+                                at::Tensor& v_cache, at::Tensor& status) {
   RopeArgs args{};
-  copy_strides(qc, args.q_stride);
-  copy_strides(kc, args.k_stride);
-  copy_strides(vc, args.v_stride);
+  copy_strides(q, args.q_stride);
+  copy_strides(k, args.k_stride);
+  copy_strides(v, args.v_stride);
   args.T = static_cast<int>(q.size(1));
   args.H = static_cast<int>(q.size(2));
   args.KV = static_cast<int>(k.size(2));
   args.hd = static_cast<int>(q.size(3));
   args.S = static_cast<int>(k_cache.size(2));
-  args.limit = static_cast<int>(std::min(k_cache.size(2), c.size(0)));
-
-  AT_DISPATCH_V2(q.scalar_type(), "rope_kv_append_cuda", AT_WRAP([&] {
-    constexpr int V = kPackBytes / sizeof(scalar_t);
-    const bool vec = (args.hd / 2) % V == 0 && rows_aligned(qc, args.q_stride, V) &&
-                     rows_aligned(kc, args.k_stride, V) && rows_aligned(vc, args.v_stride, V) &&
-                     aligned(c.const_data_ptr()) && aligned(s.const_data_ptr()) && aligned(k_cache.const_data_ptr()) &&
-                     aligned(v_cache.const_data_ptr());  // q_out is fresh: aligned
-    if (vec) launch<scalar_t, V>(qc, kc, vc, c, s, p, q_out, k_cache, v_cache, status, args);
-    else launch<scalar_t, 1>(qc, kc, vc, c, s, p, q_out, k_cache, v_cache, status, args);
-  }), at::kFloat, at::kBFloat16, at::kHalf);
-  return q_out;
+  args.limit = static_cast<int>(std::min(k_cache.size(2), cos.size(0)));
+  switch (q.scalar_type()) {
+    case at::kBFloat16: launch_packed<c10::BFloat16>(q, k, v, cos, sin, pos, q_out, k_cache, v_cache, status, args); break;
+    case at::kHalf: launch_packed<c10::Half>(q, k, v, cos, sin, pos, q_out, k_cache, v_cache, status, args); break;
+    default: launch_packed<float>(q, k, v, cos, sin, pos, q_out, k_cache, v_cache, status, args); break;
+  }
+  return cudaGetLastError();
 }
 
-}  // namespace
 }  // namespace optimus
-
-TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
-  m.impl("rope_kv_append", &optimus::rope_kv_append_cuda);
-}

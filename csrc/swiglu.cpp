@@ -27,12 +27,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+#ifdef OPTIMUS_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#include "text.h"
 
 namespace optimus {
 namespace {
@@ -119,17 +125,21 @@ void swiglu_backward_kernel(const scalar_t* grad, const scalar_t* gate, const sc
 // ----------------------------------------------------------------------------- launchers
 
 void check_input(const char* op, const at::Tensor& gate, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), ", expected cpu like gate");
+  TORCH_CHECK(t.device() == gate.device(), op, ": ", name, " is on ", t.device(), " but gate is on ",
+              gate.device(), "; move both to one device");
   TORCH_CHECK(t.scalar_type() == gate.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
               " but gate is ", gate.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(t.sizes() == gate.sizes(), op, ": ", name, " has shape ", t.sizes(),
-              " but gate has shape ", gate.sizes(), " (no broadcasting)");
+  TORCH_CHECK(t.sizes() == gate.sizes(), op, ": ", name, " has shape ", shape(t.sizes()),
+              " but gate has shape ", shape(gate.sizes()), " (no broadcasting)");
 }
 
+// float32, bfloat16, float16 everywhere; float64 on the CPU too (gradcheck needs it).
 void check_dtype(const char* op, const at::Tensor& gate) {
   const auto dtype = gate.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-              op, ": dtype ", dtype, " is not supported on cpu (float32, bfloat16, float16, float64)");
+  const bool cpu = gate.device().is_cpu();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || (cpu && dtype == at::kDouble),
+              op, ": dtype ", dtype, " is not supported on ", gate.device().type(),
+              cpu ? " (float32, bfloat16, float16, float64)" : " (float32, bfloat16, float16)");
 }
 
 at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
@@ -167,3 +177,46 @@ TORCH_LIBRARY_IMPL(optimus, CPU, m) {
   m.impl("swiglu", &optimus::swiglu_cpu);
   m.impl("swiglu_backward", &optimus::swiglu_backward_cpu);
 }
+
+#ifdef OPTIMUS_WITH_CUDA
+// The CUDA ops: checks and allocation here, kernels in swiglu.cu. The checks are
+// the CPU kernel's, shared.
+namespace optimus {
+
+cudaError_t swiglu_forward_cuda(const at::Tensor& g, const at::Tensor& u, at::Tensor& out);
+cudaError_t swiglu_backward_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
+                                 at::Tensor& d_up);
+
+namespace {
+
+at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
+  check_dtype("optimus::swiglu", gate);
+  check_input("optimus::swiglu", gate, up, "up");
+  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() > 0) C10_CUDA_CHECK(swiglu_forward_cuda(g, u, out));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda_op(const at::Tensor& grad, const at::Tensor& gate,
+                                                           const at::Tensor& up) {
+  check_dtype("optimus::swiglu_backward", gate);
+  check_input("optimus::swiglu_backward", gate, up, "up");
+  check_input("optimus::swiglu_backward", gate, grad, "grad");
+  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
+  const at::Tensor dy = grad.contiguous(), g = gate.contiguous(), u = up.contiguous();
+  at::Tensor d_gate = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor d_up = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() > 0) C10_CUDA_CHECK(swiglu_backward_cuda(dy, g, u, d_gate, d_up));
+  return {d_gate, d_up};
+}
+
+}  // namespace
+}  // namespace optimus
+
+TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
+  m.impl("swiglu", &optimus::swiglu_cuda);
+  m.impl("swiglu_backward", &optimus::swiglu_backward_cuda_op);
+}
+#endif

@@ -23,15 +23,11 @@
  * Dtypes: float32, bfloat16, float16. Each element is computed in float32 and rounded once,
  * when stored, to the input dtype: the same numbers as swiglu_ref in optimus.py (to an ulp).
  */
-#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -207,22 +203,9 @@ swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ gate, c
 }
 
 // ----------------------------------------------------------------------------- launchers
-
-void check_input(const char* op, const at::Tensor& gate, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == gate.device(), op, ": ", name, " is on ", t.device(), " but gate is on ",
-              gate.device(), "; move both to one device");
-  TORCH_CHECK(t.scalar_type() == gate.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
-              " but gate is ", gate.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(t.sizes() == gate.sizes(), op, ": ", name, " has shape ", t.sizes(),
-              " but gate has shape ", gate.sizes(), " (no broadcasting)");
-}
-
-void check_dtype(const char* op, const at::Tensor& gate) {
-  TORCH_CHECK(gate.is_cuda(), op, ": the CUDA kernel got gate on ", gate.device());
-  const auto dtype = gate.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": dtype ", dtype,
-              " is not supported on CUDA (float32, bfloat16, float16)");
-}
+// Called by swiglu.cpp once every argument is checked: argument checks and errors live in one
+// place for the CPU and CUDA kernels, and the launchers only launch, returning the launch's error
+// code for the caller to raise.
 
 bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0;
@@ -235,11 +218,13 @@ bool aligned(const void* p) {
 template <auto kernel>
 unsigned int grid_size(int64_t work, int64_t work_per_block) {
   static const int64_t resident = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    return static_cast<int64_t>(sms) * std::max(per_sm, 1);
+    int device = 0, sms = 1, per_sm = 1;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // a failed query only costs a smaller grid
+    }
+    return static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
   }();
   const int64_t needed = (work + work_per_block - 1) / work_per_block;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, resident)));
@@ -250,8 +235,8 @@ void launch_forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
   const int64_t n = g.numel();
   const unsigned int blocks = grid_size<swiglu_forward_kernel<T, V>>(n / V, int64_t{kThreads} * kForwardUnroll);
   swiglu_forward_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g.const_data_ptr<T>(), u.const_data_ptr<T>(), out.mutable_data_ptr<T>(), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(u.const_data_ptr()),
+      static_cast<T*>(out.mutable_data_ptr()), n);
 }
 
 template <typename T, int V>
@@ -260,48 +245,47 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor
   const int64_t n = g.numel();
   const unsigned int blocks = grid_size<swiglu_backward_kernel<T, V>>(n / V, int64_t{kThreads} * kBackwardUnroll);
   swiglu_backward_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      dy.const_data_ptr<T>(), g.const_data_ptr<T>(), u.const_data_ptr<T>(), d_gate.mutable_data_ptr<T>(),
-      d_up.mutable_data_ptr<T>(), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<const T*>(dy.const_data_ptr()), static_cast<const T*>(g.const_data_ptr()),
+      static_cast<const T*>(u.const_data_ptr()), static_cast<T*>(d_gate.mutable_data_ptr()),
+      static_cast<T*>(d_up.mutable_data_ptr()), n);
 }
 
-at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  check_dtype("optimus::swiglu", gate);
-  check_input("optimus::swiglu", gate, up, "up");
-  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
-  if (g.numel() == 0) return out;
-  const bool vec = aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());  // out is fresh: aligned
-  AT_DISPATCH_V2(g.scalar_type(), "swiglu_cuda", AT_WRAP([&] {
-    if (vec) launch_forward<scalar_t, kPackBytes / sizeof(scalar_t)>(g, u, out);
-    else launch_forward<scalar_t, 1>(g, u, out);
-  }), at::kFloat, at::kBFloat16, at::kHalf);
-  return out;
+template <typename T>
+void forward_packed(const at::Tensor& g, const at::Tensor& u, at::Tensor& out, bool vec) {
+  if (vec) launch_forward<T, kPackBytes / sizeof(T)>(g, u, out);
+  else launch_forward<T, 1>(g, u, out);
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad, const at::Tensor& gate,
-                                                        const at::Tensor& up) {
-  check_dtype("optimus::swiglu_backward", gate);
-  check_input("optimus::swiglu_backward", gate, up, "up");
-  check_input("optimus::swiglu_backward", gate, grad, "grad");
-  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
-  const at::Tensor dy = grad.contiguous(), g = gate.contiguous(), u = up.contiguous();
-  at::Tensor d_gate = at::empty_like(g, at::MemoryFormat::Contiguous);
-  at::Tensor d_up = at::empty_like(g, at::MemoryFormat::Contiguous);
-  if (g.numel() == 0) return {d_gate, d_up};
-  const bool vec = aligned(dy.const_data_ptr()) && aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());
-  AT_DISPATCH_V2(g.scalar_type(), "swiglu_backward_cuda", AT_WRAP([&] {
-    if (vec) launch_backward<scalar_t, kPackBytes / sizeof(scalar_t)>(dy, g, u, d_gate, d_up);
-    else launch_backward<scalar_t, 1>(dy, g, u, d_gate, d_up);
-  }), at::kFloat, at::kBFloat16, at::kHalf);
-  return {d_gate, d_up};
+template <typename T>
+void backward_packed(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
+                     at::Tensor& d_up, bool vec) {
+  if (vec) launch_backward<T, kPackBytes / sizeof(T)>(dy, g, u, d_gate, d_up);
+  else launch_backward<T, 1>(dy, g, u, d_gate, d_up);
 }
 
 }  // namespace
-}  // namespace optimus
 
-TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
-  m.impl("swiglu", &optimus::swiglu_cuda);
-  m.impl("swiglu_backward", &optimus::swiglu_backward_cuda);
+// Contiguous, same-shape, non-empty inputs of one dtype (float32, bfloat16 or float16) on the
+// current device: swiglu.cpp checks all of it before calling.
+cudaError_t swiglu_forward_cuda(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
+  const bool vec = aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());  // out is fresh: aligned
+  switch (g.scalar_type()) {
+    case at::kBFloat16: forward_packed<c10::BFloat16>(g, u, out, vec); break;
+    case at::kHalf: forward_packed<c10::Half>(g, u, out, vec); break;
+    default: forward_packed<float>(g, u, out, vec); break;
+  }
+  return cudaGetLastError();
 }
+
+cudaError_t swiglu_backward_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
+                                 at::Tensor& d_up) {
+  const bool vec = aligned(dy.const_data_ptr()) && aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());
+  switch (g.scalar_type()) {
+    case at::kBFloat16: backward_packed<c10::BFloat16>(dy, g, u, d_gate, d_up, vec); break;
+    case at::kHalf: backward_packed<c10::Half>(dy, g, u, d_gate, d_up, vec); break;
+    default: backward_packed<float>(dy, g, u, d_gate, d_up, vec); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace optimus

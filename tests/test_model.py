@@ -178,3 +178,14 @@ def test_flag_forms():
     assert parsed == {"dim": 96, "checkpointing": True, "resume": False, "learning_rate": 3e-4}
     model_cfg, train_cfg = optimus.make_configs("tiny", **parsed)
     assert model_cfg.dim == 96 and model_cfg.hidden_dim == 256 and train_cfg.learning_rate == 3e-4
+
+
+def test_auto_kernels_are_references_for_training_only():
+    model = tiny_model()
+    model.cfg.impl = "auto"
+    cpu = torch.device("cpu")
+    assert model.kernels(cpu, training=True) == "ref"
+    assert model.kernels(cpu, training=False) == optimus.resolve_impl("auto", cpu)
+    model.cfg.impl = "ext"
+    if optimus.extension_status()[0]:
+        assert model.kernels(cpu, training=True) == "ext"

@@ -75,7 +75,7 @@ def greedy_without_cache(model, prompt, n):
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+            tokens.append(int(model(torch.tensor([tokens], device=model.tok_emb.weight.device))[0, -1].argmax()))
     return tokens[len(prompt):]
 
 
