@@ -23,7 +23,7 @@ train)
   mkdir -p data
   $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
   common=(--data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare --dataset_size 0
-          --max_steps 120 --log_interval 20 --eval_interval 60 --learning_rate 3e-4)
+          --max_steps 80 --log_interval 20 --eval_interval 40 --learning_rate 3e-4)
   $PY optimus.py train "${common[@]}" --batch_size 16 --run_name gpu1 --checkpoint_dir checkpoints/gpu1 2>&1 \
     | tee "$OUT/train_1gpu.txt"
   if [ "$gpus" -ge 2 ]; then
