@@ -285,6 +285,8 @@ def build_text(path: Path, data: bytes, enc: tiktoken.Encoding,
 
 def atomic_write(path: Path, write) -> None:
     """Run write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)

@@ -26,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import data_prep
+from data_prep import atomic_write
+
 EOT_ID = 50256  # GPT-2's <|endoftext|>: separates documents, ends every answer
 
 
@@ -560,20 +563,6 @@ class Transformer(nn.Module):
 CHECKPOINT_VERSION = 1  # bump when the layout below changes; load_checkpoint refuses others
 
 
-def atomic_write(path: Path, write) -> None:
-    """Run write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: Path, model: Transformer, train_cfg: TrainingConfig, *, step: int,
                     best_val_loss: float, template: dict | None, optimizer=None, extra: dict | None = None) -> None:
     """Write a `torch.load(weights_only=True)`-loadable checkpoint atomically."""
@@ -813,7 +802,6 @@ class RunLog:
 
 def ensure_token_files(cfg: TrainingConfig, dist: DistEnv) -> dict:
     """The data directory's meta.json, running data preparation first if its files are missing."""
-    import data_prep
     data_dir = Path(cfg.data_dir)
     try:
         if dist.is_main and not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "meta.json")):
@@ -1316,7 +1304,6 @@ def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict,
            generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float]:
     """Stream one answer to `out`; returns (tokens generated, seconds). Ctrl-C ends it early."""
     import time
-    import data_prep
     prompt = data_prep.format_prompt(template, text) if template and not settings["raw"] else text
     ids = enc.encode_ordinary(prompt)
     stream, count, start = TextStream(enc), 0, time.perf_counter()
