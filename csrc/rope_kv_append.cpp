@@ -1,6 +1,7 @@
 /*
  * rope_kv_append: rotary embedding on q and k at positions `pos`, and the KV-cache write, in one
- * pass. CPU kernel, and the argument checks that the CUDA launcher shares.
+ * pass. CPU kernel, and the op (checks, allocation) that runs it or the CUDA launcher of
+ * rope_kv_append.cu.
  *
  * Math (rotate-half convention, half = hd / 2): each head row x of q and k, at the position
  * p = pos[b, t] of its token, with c = cos[p, i] and s = sin[p, i], becomes
@@ -27,9 +28,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <c10/core/DeviceGuard.h>
 #ifdef OPTIMUS_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #endif
 
 #include <algorithm>
@@ -119,7 +120,7 @@ void check_positions(const at::Tensor& pos, int64_t S, int64_t table) {
 
 }  // namespace
 
-// Checks the arguments of rope_kv_append for both kernels (rope_kv_append.cu declares it too):
+// Checks the arguments of rope_kv_append for both devices:
 // shapes, dtypes, one device, caches contiguous. Messages name the argument and the fix.
 void check_rope_kv_append_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                                const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& k_cache,
@@ -183,16 +184,48 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
   return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-at::Tensor rope_kv_append_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                              const at::Tensor& sin, const at::Tensor& pos, at::Tensor& k_cache, at::Tensor& v_cache,
-                              at::Tensor& status) {
+#ifdef OPTIMUS_WITH_CUDA
+}  // namespace
+
+// The CUDA launcher (rope_kv_append.cu): it only launches, and returns the launch's error code.
+cudaError_t rope_kv_append_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
+                                at::Tensor& v_cache, at::Tensor& status);
+
+namespace {
+#endif
+
+// The CUDA kernel indexes rows and positions with 32-bit integers.
+void check_cuda_index_range(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_cache) {
+  constexpr int64_t kMaxIndex = std::numeric_limits<int>::max();
+  TORCH_CHECK(k_cache.size(2) <= kMaxIndex, "optimus::rope_kv_append: a cache of ", num(k_cache.size(2)),
+              " positions exceeds the kernel's 32-bit index");
+  const int64_t threads = q.size(0) * q.size(1) * (q.size(2) + 2 * k.size(2)) * (q.size(3) / 2);  // 1-element packs
+  TORCH_CHECK(threads <= kMaxIndex, "optimus::rope_kv_append: ", num(threads),
+              " rows x packs exceed the kernel's 32-bit index; split the call into smaller batches");
+}
+
+// One function for both devices: checks and allocation, then the CPU kernel or the CUDA launcher.
+at::Tensor rope_kv_append_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                             const at::Tensor& sin, const at::Tensor& pos, at::Tensor& k_cache, at::Tensor& v_cache,
+                             at::Tensor& status) {
   check_rope_kv_append_args(q, k, v, cos, sin, pos, k_cache, v_cache, status);
-  TORCH_CHECK(q.device().is_cpu(), "optimus::rope_kv_append: the CPU kernel got q on ", q.device());
+  const c10::OptionalDeviceGuard device_guard(q.device());
   const at::Tensor p = pos.contiguous();
-  check_positions(p, k_cache.size(2), cos.size(0));
+  if (q.is_cuda()) {
+    check_cuda_index_range(q, k, k_cache);  // positions: the kernel checks them (status)
+  } else {
+    check_positions(p, k_cache.size(2), cos.size(0));
+  }
   const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
   const at::Tensor c = cos.contiguous(), s = sin.contiguous();
   at::Tensor q_out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());  // (B, H, T, hd)
+#ifdef OPTIMUS_WITH_CUDA
+  if (q.is_cuda()) {
+    C10_CUDA_CHECK(rope_kv_append_cuda(qc, kc, vc, c, s, p, q_out, k_cache, v_cache, status));
+    return q_out;
+  }
+#endif
   AT_DISPATCH_V2(q.scalar_type(), "rope_kv_append_cpu", AT_WRAP([&] {
     rope_kv_append_kernel<scalar_t>(qc, kc, vc, c, s, p, q_out, k_cache, v_cache);
   }), at::kFloat, at::kBFloat16, at::kHalf);
@@ -203,43 +236,11 @@ at::Tensor rope_kv_append_cpu(const at::Tensor& q, const at::Tensor& k, const at
 }  // namespace optimus
 
 TORCH_LIBRARY_IMPL(optimus, CPU, m) {
-  m.impl("rope_kv_append", &optimus::rope_kv_append_cpu);
+  m.impl("rope_kv_append", &optimus::rope_kv_append_op);
 }
 
 #ifdef OPTIMUS_WITH_CUDA
-// The CUDA op: checks and allocation here, the kernel in rope_kv_append.cu. The checks are the CPU
-// kernel's, shared.
-namespace optimus {
-
-cudaError_t rope_kv_append_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                                const at::Tensor& sin, const at::Tensor& pos, at::Tensor& q_out, at::Tensor& k_cache,
-                                at::Tensor& v_cache, at::Tensor& status);
-
-namespace {
-
-at::Tensor rope_kv_append_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
-                                  const at::Tensor& sin, const at::Tensor& pos, at::Tensor& k_cache,
-                                  at::Tensor& v_cache, at::Tensor& status) {
-  check_rope_kv_append_args(q, k, v, cos, sin, pos, k_cache, v_cache, status);
-  TORCH_CHECK(q.is_cuda(), "optimus::rope_kv_append: the CUDA kernel got q on ", q.device());
-  constexpr int64_t kMaxIndex = std::numeric_limits<int>::max();
-  TORCH_CHECK(k_cache.size(2) <= kMaxIndex, "optimus::rope_kv_append: a cache of ", num(k_cache.size(2)),
-              " positions exceeds the kernel's 32-bit index");
-  const int64_t threads = q.size(0) * q.size(1) * (q.size(2) + 2 * k.size(2)) * (q.size(3) / 2);  // 1-element packs
-  TORCH_CHECK(threads <= kMaxIndex, "optimus::rope_kv_append: ", num(threads),
-              " rows x packs exceed the kernel's 32-bit index; split the call into smaller batches");
-  const c10::cuda::OptionalCUDAGuard device_guard(q.device());
-  const at::Tensor qc = rows_contiguous(q), kc = rows_contiguous(k), vc = rows_contiguous(v);
-  const at::Tensor c = cos.contiguous(), s = sin.contiguous(), p = pos.contiguous();
-  at::Tensor q_out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());  // (B, H, T, hd)
-  C10_CUDA_CHECK(rope_kv_append_cuda(qc, kc, vc, c, s, p, q_out, k_cache, v_cache, status));
-  return q_out;
-}
-
-}  // namespace
-}  // namespace optimus
-
 TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
-  m.impl("rope_kv_append", &optimus::rope_kv_append_cuda_op);
+  m.impl("rope_kv_append", &optimus::rope_kv_append_op);
 }
 #endif

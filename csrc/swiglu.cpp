@@ -1,5 +1,6 @@
 /*
- * swiglu: the SwiGLU activation of the MLP, forward and backward. CPU kernels.
+ * swiglu: the SwiGLU activation of the MLP, forward and backward. CPU kernels, and the op
+ * (checks, allocation) that runs them or the CUDA launchers of swiglu.cu.
  *
  * Math (s = sigmoid(gate) = 1 / (1 + exp(-gate)); the backward recomputes s from the saved
  * gate, so the forward keeps no activation for it):
@@ -27,9 +28,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+#include <c10/core/DeviceGuard.h>
 #ifdef OPTIMUS_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #endif
 
 #include <algorithm>
@@ -142,11 +143,31 @@ void check_dtype(const char* op, const at::Tensor& gate) {
               cpu ? " (float32, bfloat16, float16, float64)" : " (float32, bfloat16, float16)");
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
+#ifdef OPTIMUS_WITH_CUDA
+}  // namespace
+
+// The CUDA launchers (swiglu.cu): they only launch, and return the launch's error code.
+cudaError_t swiglu_forward_cuda(const at::Tensor& g, const at::Tensor& u, at::Tensor& out);
+cudaError_t swiglu_backward_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
+                                 at::Tensor& d_up);
+
+namespace {
+#endif
+
+// One function per op for both devices: checks and allocation, then the CPU loop or the CUDA launcher.
+at::Tensor swiglu_op(const at::Tensor& gate, const at::Tensor& up) {
   check_dtype("optimus::swiglu", gate);
   check_input("optimus::swiglu", gate, up, "up");
+  const c10::OptionalDeviceGuard device_guard(gate.device());
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
   at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() == 0) return out;
+#ifdef OPTIMUS_WITH_CUDA
+  if (g.is_cuda()) {
+    C10_CUDA_CHECK(swiglu_forward_cuda(g, u, out));
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_cpu", [&] {
     swiglu_forward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                                     out.mutable_data_ptr<scalar_t>(), g.numel());
@@ -154,14 +175,22 @@ at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, const at::Tensor& gate,
-                                                       const at::Tensor& up) {
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_op(const at::Tensor& grad, const at::Tensor& gate,
+                                                      const at::Tensor& up) {
   check_dtype("optimus::swiglu_backward", gate);
   check_input("optimus::swiglu_backward", gate, up, "up");
   check_input("optimus::swiglu_backward", gate, grad, "grad");
+  const c10::OptionalDeviceGuard device_guard(gate.device());
   const at::Tensor dy = grad.contiguous(), g = gate.contiguous(), u = up.contiguous();
   at::Tensor d_gate = at::empty_like(g, at::MemoryFormat::Contiguous);
   at::Tensor d_up = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() == 0) return {d_gate, d_up};
+#ifdef OPTIMUS_WITH_CUDA
+  if (g.is_cuda()) {
+    C10_CUDA_CHECK(swiglu_backward_cuda(dy, g, u, d_gate, d_up));
+    return {d_gate, d_up};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "swiglu_backward_cpu", [&] {
     swiglu_backward_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                                      u.const_data_ptr<scalar_t>(), d_gate.mutable_data_ptr<scalar_t>(),
@@ -174,49 +203,13 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad, c
 }  // namespace optimus
 
 TORCH_LIBRARY_IMPL(optimus, CPU, m) {
-  m.impl("swiglu", &optimus::swiglu_cpu);
-  m.impl("swiglu_backward", &optimus::swiglu_backward_cpu);
+  m.impl("swiglu", &optimus::swiglu_op);
+  m.impl("swiglu_backward", &optimus::swiglu_backward_op);
 }
 
 #ifdef OPTIMUS_WITH_CUDA
-// The CUDA ops: checks and allocation here, kernels in swiglu.cu. The checks are
-// the CPU kernel's, shared.
-namespace optimus {
-
-cudaError_t swiglu_forward_cuda(const at::Tensor& g, const at::Tensor& u, at::Tensor& out);
-cudaError_t swiglu_backward_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
-                                 at::Tensor& d_up);
-
-namespace {
-
-at::Tensor swiglu_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  check_dtype("optimus::swiglu", gate);
-  check_input("optimus::swiglu", gate, up, "up");
-  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
-  if (g.numel() > 0) C10_CUDA_CHECK(swiglu_forward_cuda(g, u, out));
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda_op(const at::Tensor& grad, const at::Tensor& gate,
-                                                           const at::Tensor& up) {
-  check_dtype("optimus::swiglu_backward", gate);
-  check_input("optimus::swiglu_backward", gate, up, "up");
-  check_input("optimus::swiglu_backward", gate, grad, "grad");
-  const c10::cuda::OptionalCUDAGuard device_guard(gate.device());
-  const at::Tensor dy = grad.contiguous(), g = gate.contiguous(), u = up.contiguous();
-  at::Tensor d_gate = at::empty_like(g, at::MemoryFormat::Contiguous);
-  at::Tensor d_up = at::empty_like(g, at::MemoryFormat::Contiguous);
-  if (g.numel() > 0) C10_CUDA_CHECK(swiglu_backward_cuda(dy, g, u, d_gate, d_up));
-  return {d_gate, d_up};
-}
-
-}  // namespace
-}  // namespace optimus
-
 TORCH_LIBRARY_IMPL(optimus, CUDA, m) {
-  m.impl("swiglu", &optimus::swiglu_cuda);
-  m.impl("swiglu_backward", &optimus::swiglu_backward_cuda_op);
+  m.impl("swiglu", &optimus::swiglu_op);
+  m.impl("swiglu_backward", &optimus::swiglu_backward_op);
 }
 #endif
