@@ -281,30 +281,25 @@ def _cuda_arch_list() -> str:
     return ";".join(sorted(archs))
 
 
-def _toolkit_root() -> str | None:
-    """The CUDA toolkit that `nvcc` on the PATH runs from, following wrapper scripts and links."""
+def cuda_toolkit() -> str | None:
+    """The CUDA toolkit the .cu kernels build with, or None: CUDA_HOME (or CUDA_PATH) if set, else
+    the toolkit behind the nvcc on the PATH (following links and wrapper scripts), else
+    /usr/local/cuda; only for a CUDA build of torch, and only a directory that holds nvcc and the
+    CUDA headers."""
+    if torch.version.cuda is None:
+        return None
     import re
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [Path(home)] if home else []
     nvcc = shutil.which("nvcc")
-    candidates = []
-    if nvcc:
+    if not home and nvcc:
         candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
         with contextlib.suppress(OSError, UnicodeDecodeError):
             candidates += [Path(m).parent.parent for m in re.findall(r"(/\S+/bin/nvcc)\b", Path(nvcc).read_text())]
-    candidates.append(Path("/usr/local/cuda"))
-    return next((str(c) for c in candidates if (c / "include" / "cuda_runtime.h").is_file()), None)
-
-
-def cuda_toolkit() -> str | None:
-    """The CUDA toolkit the .cu kernels build with, or None: CUDA_HOME (or CUDA_PATH) if set, else
-    the toolkit behind the nvcc on the PATH; only for a CUDA build of torch, and only a directory
-    that holds nvcc and the CUDA headers."""
-    if torch.version.cuda is None:
-        return None
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _toolkit_root()
     if not home:
-        return None
-    found = (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file()
-    return home if found else None
+        candidates.append(Path("/usr/local/cuda"))
+    found = (c for c in candidates if (c / "bin" / "nvcc").is_file() and (c / "include" / "cuda_runtime.h").is_file())
+    return next((str(c) for c in found), None)
 
 
 def load_extension(verbose: bool = False) -> None:
@@ -593,9 +588,8 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """(model on `device` in eval mode, the checkpoint dict). Errors name the file and the fix."""
-    path = find_checkpoint(path)
+def read_checkpoint(path: Path, device: str | torch.device) -> dict:
+    """The checkpoint dict of file `path`, weights on `device`. Errors name the file and the fix."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, foreign formats: all one message
@@ -605,6 +599,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"checkpoint {path} has format version {found}, this code reads "
                         f"{CHECKPOINT_VERSION}: re-create it with this version")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """(model on `device` in eval mode, the checkpoint dict). Errors name the file and the fix."""
+    path = find_checkpoint(path)
+    ckpt = read_checkpoint(path, device)
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -874,11 +875,7 @@ class Trainer:
         """Continue from a checkpoint: weights, optimizer, step, best loss, RNG and run name."""
         if not path.is_file():
             raise UserError(f"--resume given but {path} does not exist: train without --resume first")
-        try:
-            ckpt = torch.load(path, map_location=self.rt.device, weights_only=True)
-        except Exception as exc:
-            raise UserError(f"checkpoint {path} is corrupt ({type(exc).__name__}): "
-                            f"delete it to start over, or restore a copy") from None
+        ckpt = read_checkpoint(path, self.rt.device)
         # impl only picks kernels: a run may resume with other ones.
         if {**ckpt.get("model_config", {}), "impl": self.model.cfg.impl} != dataclasses.asdict(self.model.cfg):
             raise UserError(f"{path} was trained with another model config: pass the same model flags to resume")
