@@ -1211,6 +1211,13 @@ class Decoder:
         self.graph.replay()
         return self.logits
 
+    def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
+        """One short generation, thrown away. On CUDA a kernel's first launch loads it (milliseconds
+        each): without this, the first answer's tokens/s would count that loading too."""
+        for _ in generate(self.model, [[EOT_ID] * 8] * self.batch, 2, temperature, top_p, top_k,
+                          eot_id=None, decoder=self):
+            pass
+
     def check(self) -> None:
         """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""
         if any(bool(c.status) for c in self.caches):
@@ -1298,16 +1305,19 @@ class TextStream:
 
 
 def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict, template: dict | None,
-           generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float]:
-    """Stream one answer to `out`; returns (tokens generated, seconds). Ctrl-C ends it early."""
+           generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float, float]:
+    """Stream one answer to `out`; returns (tokens generated, seconds, seconds to the first token,
+    the prompt's prefill included). Ctrl-C ends it early."""
     import time
     prompt = data_prep.format_prompt(template, text) if template and not settings["raw"] else text
     ids = enc.encode_ordinary(prompt)
     stream, count, start = TextStream(enc), 0, time.perf_counter()
+    first = 0.0
     try:
         for token in generate(model, [ids], settings["max_new_tokens"], settings["temperature"],
                               settings["top_p"], settings["top_k"], generator, decoder=decoder):
             token = int(token[0])
+            first = first or time.perf_counter() - start
             if token == EOT_ID:
                 break
             count += 1
@@ -1317,7 +1327,7 @@ def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict,
         out.write(" [stopped]")
     out.write(stream.flush() + "\n")
     out.flush()
-    return count, time.perf_counter() - start
+    return count, time.perf_counter() - start, first
 
 
 REPL_HELP = """commands:
@@ -1375,10 +1385,13 @@ def cmd_sample(argv: list[str]) -> int:
         generator = torch.Generator(rt.device).manual_seed(args["seed"])
     settings = {k: args[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "raw")}
     enc, decoder, template = load_tokenizer(), Decoder(model, 1), ckpt.get("template")
+    if rt.device.type == "cuda":
+        decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
 
     def respond(text: str) -> None:
-        count, seconds = answer(model, decoder, enc, text, settings, template, generator)
-        print(f"[{count} tokens, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        count, seconds, first = answer(model, decoder, enc, text, settings, template, generator)
+        print(f"[{count} tokens, {count / max(seconds, 1e-9):.1f} tokens/s, first token after "
+              f"{first * 1e3:.0f} ms]", file=sys.stderr)
 
     if args["prompt"] is not None:
         respond(args["prompt"])

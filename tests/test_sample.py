@@ -90,6 +90,14 @@ def test_cached_generation_equals_full_forward_passes():
     assert greedy_with_cache(model, [prompt], 30)[0] == greedy_without_cache(model, prompt, 30)
 
 
+def test_warm_up_leaves_no_trace_in_the_next_answer():
+    model = tiny_model(2)
+    prompt = torch.randint(0, 50257, (6,)).tolist()
+    decoder = optimus.Decoder(model, 1)
+    decoder.warm_up(0.8, 0.9, 0)  # what the CLI does on CUDA before the first answer
+    assert greedy_with_cache(model, [prompt], 20, decoder=decoder)[0] == greedy_without_cache(model, prompt, 20)
+
+
 def test_batched_prompts_of_different_lengths_equal_one_by_one():
     model = tiny_model(1)
     prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (3, 17, 8)]
@@ -203,6 +211,7 @@ def test_cuda_graph_decoding_equals_full_forward_passes(impl):
     prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 12)]
     decoder = optimus.Decoder(model, 2, use_graph=True)
     assert decoder.graph is not None
+    decoder.warm_up(0.8, 0.9, 0)
     batched = torch.stack(list(optimus.generate(model, prompts, 24, temperature=0, eot_id=None,
                                                 decoder=decoder)), 1).tolist()
     for prompt, row in zip(prompts, batched):
