@@ -6,11 +6,14 @@
 Sections are functions `device -> list[dict]`, one row per measurement; main() runs the chosen
 ones, prints each as a table and writes every row to --json. Timing: warm-up calls (which also
 compile), then the median of many samples, timed with CUDA events on a GPU and perf_counter on
-the CPU (where the ops are synchronous). Benchmarks measure; the tests assert.
+the CPU (where the ops are synchronous). On a GPU the kernel section replays its calls from a CUDA
+graph: a microsecond kernel is then timed, not Python's dispatch of it. Benchmarks measure; the
+tests assert.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -75,6 +78,29 @@ def seconds_per_call(fn: Callable[[int], object], device: torch.device, budget: 
             run(repeat)
             samples.append((time.perf_counter() - start) / repeat)
     return statistics.median(samples)
+
+
+GRAPH_CALLS = 64  # calls captured into one CUDA graph by graph_seconds_per_call
+
+
+def graph_seconds_per_call(fn: Callable[[int], object], device: torch.device, budget: Budget | None = None) -> float:
+    """Median seconds per call of fn(i), replayed from one CUDA graph of GRAPH_CALLS calls.
+
+    No host work runs between the replayed calls, so a kernel shorter than Python's dispatch of it
+    (a few microseconds) is timed on the GPU, not on the host. Run it with a side stream current
+    (`torch.cuda.stream`): capture needs one, and work fn depends on (an autograd forward) must
+    have run on that same stream."""
+    budget = budget or BUDGETS["cuda"]
+    stream = torch.cuda.current_stream(device)
+    for i in range(budget.warmup):  # compilation and first allocations stay out of the graph
+        fn(i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(GRAPH_CALLS):
+            fn(i)
+    seconds = seconds_per_call(lambda i: graph.replay(), device, budget) / GRAPH_CALLS
+    del graph
+    return seconds
 
 
 def copy_bandwidth(device: torch.device) -> tuple[int, float]:
@@ -142,8 +168,8 @@ def swiglu_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
 def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     compiled = torch.compile(optimus.rope_kv_append_ref, dynamic=False)
     H, KV, hd = 8, 2, 128  # the base model's attention
-    # Prefill of 8 and of 64 prompts of 512 tokens (the larger one spreads the launch over more bytes).
-    prefills = [(8, 512, 512, True), (64, 512, 512, True)] if device.type == "cuda" else [(2, 512, 512, True)]
+    # Prefill of 8, 16 and 64 prompts of 512 tokens: 25 to 200 MB, where launch and tail weigh less.
+    prefills = [(B, 512, 512, True) for B in (8, 16, 64)] if device.type == "cuda" else [(2, 512, 512, True)]
     cases = []
     for B, T, S, cold in (*prefills, (1, 1, 2048, False), (16, 1, 2048, False)):
         def make(B=B, T=T, S=S):
@@ -172,10 +198,12 @@ def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
 
 
 def bench_kernels(device: torch.device) -> list[dict]:
-    """GB/s of each fused op (minimum traffic / median time), ext vs ref vs compile, and each
-    kernel's fraction of the device's copy bandwidth measured in the same run (the first row: its
-    ext columns are the copy itself). `sets`: input sets the timed calls rotate through, so that
-    the large shapes read from DRAM, not from the L2 cache."""
+    """GB/s of each fused op (minimum traffic / median time), ext vs ref vs compile, and the ext
+    kernel's fraction of two copies measured in the same run: `ext_of_copy` against the device's
+    copy bandwidth (a 1 GiB copy_, the first row), `ext_of_same_copy` against a copy_ that moves
+    the op's own byte count (`same_copy_GB/s`), the ceiling at sizes where launch and tail cost
+    show. `sets`: input sets the timed calls rotate through, so that the large shapes read from
+    DRAM, not from the L2 cache. On a GPU every call is replayed from a CUDA graph."""
     optimus.resolve_impl("ext", device)  # raises, with the reason, when the kernels are missing
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     copy_bytes, copy = copy_bandwidth(device)
@@ -183,32 +211,41 @@ def bench_kernels(device: torch.device) -> list[dict]:
              "MB": 2 * copy_bytes / 1e6, "sets": 1, "ext_us": 2 * copy_bytes / copy * 1e6,
              "ext_GB/s": copy / 1e9, "ext_of_copy": 1.0}]
     l2 = l2_bytes(device)
-    for case in swiglu_cases(device, dtype) + rope_cases(device, dtype):
-        n_sets = 1
-        if case.cold and case.bytes < 3 * l2:
-            n_sets = min(16, math.ceil(3 * l2 / case.bytes))
-        sets = [case.make() for _ in range(n_sets)]
-        row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).removeprefix("torch."),
-               "MB": case.bytes / 1e6, "sets": n_sets}
-        for name, prepare in case.impls.items():
-            try:
-                calls = [prepare(s) for s in sets]
-                t = seconds_per_call(lambda i: calls[i % n_sets](), device)
-            except Exception as exc:  # one failing implementation (e.g. a compile error) keeps the rest
-                print(f"warning: {case.op} {case.shape} {name}: {type(exc).__name__}: {exc}".splitlines()[0],
-                      file=sys.stderr)
-                row[f"{name}_us"] = row[f"{name}_GB/s"] = None
-                continue
-            finally:
-                calls = None
-            row[f"{name}_us"] = t * 1e6
-            row[f"{name}_GB/s"] = case.bytes / t / 1e9
-        if row["ext_us"]:
-            row["ext_of_copy"] = row["ext_GB/s"] * 1e9 / copy
-            row["ext_vs_ref"] = row["ref_us"] / row["ext_us"] if row["ref_us"] else None
-            row["ext_vs_compile"] = row["compile_us"] / row["ext_us"] if row["compile_us"] else None
-        rows.append(row)
-        del sets
+    cuda = device.type == "cuda"
+    timer = graph_seconds_per_call if cuda else seconds_per_call
+    with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
+        for case in swiglu_cases(device, dtype) + rope_cases(device, dtype):
+            n_sets = 1
+            if case.cold and case.bytes < 3 * l2:
+                n_sets = min(16, math.ceil(3 * l2 / case.bytes))
+            row = {"op": case.op, "shape": case.shape, "dtype": str(case.dtype).removeprefix("torch."),
+                   "MB": case.bytes / 1e6, "sets": n_sets}
+            copies = [(torch.randint(0, 256, (case.bytes // 2,), dtype=torch.uint8, device=device),
+                       torch.empty(case.bytes // 2, dtype=torch.uint8, device=device)) for _ in range(n_sets)]
+            row["same_copy_GB/s"] = case.bytes / timer(lambda i: copies[i % n_sets][1].copy_(copies[i % n_sets][0]),
+                                                       device) / 1e9
+            del copies
+            sets = [case.make() for _ in range(n_sets)]
+            for name, prepare in case.impls.items():
+                try:
+                    calls = [prepare(s) for s in sets]
+                    t = timer(lambda i: calls[i % n_sets](), device)
+                except Exception as exc:  # one failing implementation (e.g. a compile error) keeps the rest
+                    print(f"warning: {case.op} {case.shape} {name}: {type(exc).__name__}: {exc}".splitlines()[0],
+                          file=sys.stderr)
+                    row[f"{name}_us"] = row[f"{name}_GB/s"] = None
+                    continue
+                finally:
+                    calls = None
+                row[f"{name}_us"] = t * 1e6
+                row[f"{name}_GB/s"] = case.bytes / t / 1e9
+            if row["ext_us"]:
+                row["ext_of_copy"] = row["ext_GB/s"] * 1e9 / copy
+                row["ext_of_same_copy"] = row["ext_GB/s"] / row["same_copy_GB/s"]
+                row["ext_vs_ref"] = row["ref_us"] / row["ext_us"] if row["ref_us"] else None
+                row["ext_vs_compile"] = row["compile_us"] / row["ext_us"] if row["compile_us"] else None
+            rows.append(row)
+            del sets
     return rows
 
 

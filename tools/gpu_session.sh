@@ -17,6 +17,13 @@ check)
   tools/gpu_check.sh
   $PY -m pytest -q -rs tests/test_sample.py tests/test_train.py tests/test_model.py -k "cuda or logits" 2>&1 | tee "$OUT/cuda_tests.txt"
   $PY bench.py --device cuda --only decode --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt"
+  # The CLI's reported speed: two answers of the default model after 5 uncompiled steps.
+  mkdir -p data
+  $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
+  $PY optimus.py train --data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare --dataset_size 200 \
+    --max_steps 5 --compile false --checkpoint_dir checkpoints/cli --run_name cli >/dev/null 2>&1
+  printf 'Write the next speech of the play.\nAnd the one after it.\n' | $PY optimus.py sample --ckpt checkpoints/cli \
+    --max_new_tokens 256 --seed 1 2>&1 | grep "tokens/s" | tee "$OUT/sample_speed.txt"
   ;;
 train)
   $PY bench.py --device cuda --only train --json "$OUT/train.json" 2>&1 | tee "$OUT/train_bench.txt"
