@@ -46,3 +46,28 @@ def test_two_ranks_match_one_process(tmp_path):
     assert ckpt["step"] == 6 and all(not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     for (name, a), b in zip(model_one.state_dict().items(), model_ddp.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_ranks_resume_bit_for_bit(tmp_path):
+    """A torchrun job stopped at step 3 and resumed to step 6 ends where an unbroken one does.
+
+    A constant learning rate (no warmup, min_lr_ratio 1) lets the first leg end at step 3 with
+    --max_steps 3 on the same schedule as the unbroken run."""
+    source = write_dolly(tmp_path / "dolly.jsonl", 120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "optimus.py"), *COMMON, "--data_input", str(source), "--data_dir", str(tmp_path / "tokens"),
+                "--warmup_steps", "0", "--min_lr_ratio", "1", "--tensorboard_dir", str(tmp_path / "runs")]
+    legs = {"straight": [["--max_steps", "6"]], "resumed": [["--max_steps", "3"], ["--max_steps", "6", "--resume"]]}
+    for name, runs in legs.items():
+        for extra in runs:
+            result = subprocess.run([*torchrun, "--checkpoint_dir", str(tmp_path / name), "--run_name", name, *extra],
+                                    capture_output=True, text=True, timeout=600, cwd=tmp_path)
+            assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    straight = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "latest.pt", weights_only=True)
+    assert straight["step"] == resumed["step"] == 6
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    # One metrics file per run name: the resumed leg appended to the first leg's curve.
+    assert curve(tmp_path / "runs" / "straight") == curve(tmp_path / "runs" / "resumed")
