@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tiktoken", "ninja", "pybind11"],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors"],
+        "test": ["pytest", "transformers", "safetensors", "tensorboard"],
         "hf": ["safetensors"],
         "tensorboard": ["tensorboard"],
     },

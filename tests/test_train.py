@@ -94,6 +94,19 @@ def stop_after(trainer, last_step):
     trainer.train_step = wrapped
 
 
+def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path, data_dir):
+    events = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                 reason="tensorboard is not installed (pip install -e '.[test]' installs it)")
+    optimus.train(*configs(tmp_path, data_dir, max_steps=6, eval_interval=3))
+    board = events.EventAccumulator(str(tmp_path / "runs" / "test"))
+    board.Reload()
+    rows = metrics(tmp_path)
+    assert set(board.Tags()["scalars"]) == {key for row in rows for key in row} - {"step"}
+    for key in board.Tags()["scalars"]:
+        logged = [(row["step"], row[key]) for row in rows if key in row]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(key)] == logged, key
+
+
 def test_resume_continues_bit_for_bit(tmp_path, data_dir):
     common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3)
     optimus.train(*configs(tmp_path / "a", data_dir, **common))
