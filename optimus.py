@@ -1486,54 +1486,21 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: t.detach().to(torch.float32, copy=True).contiguous() for name, t in tensors.items()}
 
 
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> character map: vocab.json and merges.txt spell token bytes with it.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) take the
-    characters from U+0100 on, in byte order, so no token string holds whitespace.
-    """
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    shifted = iter(range(256, 512))
-    return {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
-
-
-def bpe_parts(ranks: dict[bytes, int], token: bytes) -> list[bytes]:
-    """The pieces byte-level BPE holds just before it merges `token`: tiktoken's rule (merge the
-    adjacent pair whose join ranks lowest), using only merges ranked below `token` itself."""
-    parts = [bytes([b]) for b in token]
-    limit = ranks[token]
-    while len(parts) > 1:
-        rank, i = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
-        if rank >= limit:
-            break
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
+# GPT-2's own tokenizer files. tiktoken builds its gpt2 encoding from exactly these two and keeps
+# them in its cache (TIKTOKEN_CACHE_DIR), so they are on disk wherever the tokenizer loads.
+GPT2_FILES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 
 
 def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
-    """GPT-2's tokenizer for transformers (slow and fast), rebuilt offline from tiktoken's ranks.
-
-    tiktoken keeps only each token's bytes and rank; a merges list needs the pair each token is
-    made from, which is where BPE on the token's own bytes stops one merge short of it.
-    Returns {file name: JSON object, or text for merges.txt}.
-    """
+    """GPT-2's tokenizer for transformers, slow (vocab.json, merges.txt: GPT-2's encoder.json and
+    vocab.bpe as they are) and fast (tokenizer.json, the same BPE in the `tokenizers` format).
+    Returns {file name: JSON object, or text for merges.txt}."""
+    from tiktoken.load import read_file_cached
     enc = load_tokenizer()
-    ranks = enc._mergeable_ranks  # bytes -> id; tiktoken has no public accessor for them
-    to_text = byte_to_unicode()
-
-    def spell(token: bytes) -> str:
-        return "".join(to_text[b] for b in token)
-
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) == 1:
-            continue
-        parts = bpe_parts(ranks, token)
-        if len(parts) != 2:
-            raise RuntimeError(f"tiktoken's gpt2 token {rank} ({token!r}) is not one merge of two tokens")
-        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    vocab = json.loads(read_file_cached(GPT2_FILES_URL + "encoder.json"))
+    merges_txt = read_file_cached(GPT2_FILES_URL + "vocab.bpe").decode()
+    merges = [line for line in merges_txt.split("\n")[1:] if line]  # after the "#version" line
     eot = enc.decode_single_token_bytes(EOT_ID).decode()
-    vocab = {spell(token): rank for token, rank in ranks.items()} | {eot: EOT_ID}
     byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer_json = {  # the `tokenizers` library's format, for the fast tokenizer
         "version": "1.0",
@@ -1557,7 +1524,7 @@ def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
     }
     return {
         "vocab.json": vocab,
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "merges.txt": merges_txt,
         "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": tokenizer_config,
         "special_tokens_map.json": special,

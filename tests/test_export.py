@@ -140,15 +140,15 @@ def test_tokenizer_matches_tiktoken(exported, tmp_path, fast_file):
     assert tok(eot)["input_ids"] == enc.encode(eot, allowed_special="all")
 
 
-def test_vocab_and_merges_are_gpt2s_originals():
-    """Rebuilt from tiktoken's ranks alone, they equal GPT-2's encoder.json and vocab.bpe."""
-    from optimus import gpt2_tokenizer_files
-
-    files = gpt2_tokenizer_files(model_max_length=128)
-    assert files["vocab.json"] == json.loads(tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json"))
-    original = tiktoken.load.read_file_cached(GPT2_FILES + "vocab.bpe").decode()
-    assert files["merges.txt"].split("\n")[1:] == original.split("\n")[1:]
-    assert len(files["vocab.json"]) == 50257 and files["merges.txt"].count("\n") == 50001
+@pytest.mark.parametrize("exported", [True], ids=["tied"], indirect=True)
+def test_vocab_and_merges_are_gpt2s_originals(exported):
+    """The slow tokenizer's files are GPT-2's encoder.json and vocab.bpe, written unchanged."""
+    _, out = exported
+    original_vocab = json.loads(tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json"))
+    original_merges = tiktoken.load.read_file_cached(GPT2_FILES + "vocab.bpe").decode()
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == original_vocab
+    assert (out / "merges.txt").read_text(encoding="utf-8") == original_merges
+    assert len(original_vocab) == 50257 and original_merges.count("\n") == 50001
 
 
 def test_existing_output_needs_force_and_is_replaced_whole(tmp_path, monkeypatch):
