@@ -313,19 +313,21 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
 
 def bench_decode(device: torch.device) -> list[dict]:
     """Generation at batch 1: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt,
-    random weights (bf16 on CUDA), tokens/s including the prefill; ext vs ref, CUDA graph or not."""
+    random weights (bf16 on CUDA), tokens/s including the prefill; ext vs ref, CUDA graph or not,
+    the one-token step compiled or not (its compilation is part of the warm-up, not timed)."""
     cuda = device.type == "cuda"
     preset, new_tokens = ("base", 256) if cuda else ("tiny", 64)
-    cases = [("ext", True), ("ref", True), ("ext", False), ("ref", False)] if cuda else [("ext", False), ("ref", False)]
+    cases = [("ext", True, True), ("ext", True, False), ("ref", True, False), ("ext", False, False),
+             ("ref", False, False)] if cuda else [("ext", False, False), ("ref", False, False)]
     rows = []
-    for impl, graph in cases:
+    for impl, graph, compiled in cases:
         model_cfg, _ = optimus.make_configs(preset, impl=impl)
         torch.manual_seed(0)
         model = optimus.Transformer(model_cfg).to(device).eval()
         if cuda:
             model = model.to(optimus.resolve_runtime(str(device)).dtype)
         optimus.resolve_impl(impl, device)
-        decoder = optimus.Decoder(model, 1, use_graph=graph)
+        decoder = optimus.Decoder(model, 1, use_graph=graph, compile=compiled)
         prompt = [torch.randint(0, optimus.EOT_ID, (16,)).tolist()]
         generator = torch.Generator(device).manual_seed(0)
 
@@ -336,7 +338,8 @@ def bench_decode(device: torch.device) -> list[dict]:
             token.cpu()  # the last token on the host: the whole answer is done
 
         seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
-        rows.append({"model": preset, "impl": impl, "cuda_graph": graph, "batch": 1, "new_tokens": new_tokens,
+        rows.append({"model": preset, "impl": impl, "cuda_graph": graph, "compiled_step": compiled, "batch": 1,
+                     "new_tokens": new_tokens,
                      "tokens/s": new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3})
         del decoder, model
     return rows

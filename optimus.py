@@ -1166,14 +1166,21 @@ class Decoder:
 
     On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
     step costs one launch instead of one per kernel; its inputs and output live in static buffers.
+    `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
+    first step then takes tens of seconds; H200 numbers in the README).
     """
 
-    def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None):
+    @torch.no_grad()
+    def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None, compile: bool = False):
         self.model, self.batch = model, batch
         device = model.tok_emb.weight.device
         self.caches = [KVCache(batch, model.cfg, model.tok_emb.weight.dtype, device) for _ in model.blocks]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)       # (B, 1)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)          # (B, 1)
+        self.forward_step = self._step
+        if compile:  # the CUDA graph below launches the kernels: Inductor must not add its own graphs
+            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
+            self.forward_step = torch.compile(self._step, mode=mode)  # graph breaks: CPU ref bounds checks
         self.graph = None
         if use_graph if use_graph is not None else device.type == "cuda":
             self.graph = self._capture()
@@ -1186,11 +1193,11 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: kernels load, workspaces settle
             for _ in range(2):
-                self._step()
+                self.forward_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._step()
+            self.logits = self.forward_step()
         return graph  # the capture wrote slot 0 of the caches: prefill rewrites it before any read
 
     @torch.no_grad()
@@ -1207,7 +1214,7 @@ class Decoder:
         self.tokens.copy_(tokens[:, None])
         self.pos.copy_(pos[:, None])
         if self.graph is None:
-            return self._step()
+            return self.forward_step()
         self.graph.replay()
         return self.logits
 
@@ -1304,6 +1311,19 @@ class TextStream:
         return self.utf8.decode(b"", final=True)
 
 
+def read_behind(steps, lag: int = 8):
+    """Yield the items of `steps` `lag` steps late. Reading a token (a device tensor) waits for the
+    GPU to reach it; by then `lag` more steps are queued behind it, so the GPU never idles while
+    the host prints (the text appears some milliseconds later)."""
+    import collections
+    pending = collections.deque()
+    for step in steps:
+        pending.append(step)
+        if len(pending) > lag:
+            yield pending.popleft()
+    yield from pending
+
+
 def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict, template: dict | None,
            generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float, float]:
     """Stream one answer to `out`; returns (tokens generated, seconds, seconds to the first token,
@@ -1314,8 +1334,8 @@ def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict,
     stream, count, start = TextStream(enc), 0, time.perf_counter()
     first = 0.0
     try:
-        for token in generate(model, [ids], settings["max_new_tokens"], settings["temperature"],
-                              settings["top_p"], settings["top_k"], generator, decoder=decoder):
+        for token in read_behind(generate(model, [ids], settings["max_new_tokens"], settings["temperature"],
+                                          settings["top_p"], settings["top_k"], generator, decoder=decoder)):
             token = int(token[0])
             first = first or time.perf_counter() - start
             if token == EOT_ID:
@@ -1384,7 +1404,9 @@ def cmd_sample(argv: list[str]) -> int:
     if args["seed"] is not None:
         generator = torch.Generator(rt.device).manual_seed(args["seed"])
     settings = {k: args[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "raw")}
-    enc, decoder, template = load_tokenizer(), Decoder(model, 1), ckpt.get("template")
+    if args["compile"]:
+        print("compiling the decoding step (once per process; tens of seconds on a GPU)...", file=sys.stderr)
+    enc, decoder, template = load_tokenizer(), Decoder(model, 1, compile=args["compile"]), ckpt.get("template")
     if rt.device.type == "cuda":
         decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
 
@@ -1654,6 +1676,7 @@ SAMPLE_FLAGS: dict[str, tuple[type, object, str]] = {
     "seed": (int, None, "random seed (same seed, same output)"),
     "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
     "impl": (str, "auto", "fused kernels: auto | ext | ref"),
+    "compile": (bool, False, "torch.compile the one-token step: faster decoding after a slow start"),
 }
 EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
     "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),

@@ -98,6 +98,32 @@ def test_warm_up_leaves_no_trace_in_the_next_answer():
     assert greedy_with_cache(model, [prompt], 20, decoder=decoder)[0] == greedy_without_cache(model, prompt, 20)
 
 
+def test_compiled_step_generates_what_the_full_forward_passes_do():
+    model = tiny_model(3)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (4, 9)]
+    decoder = optimus.Decoder(model, 2, compile=True)
+    steps = torch.stack(list(optimus.generate(model, prompts, 12, temperature=0, eot_id=None, decoder=decoder)), 1)
+    for prompt, row in zip(prompts, steps.tolist()):
+        assert row == greedy_without_cache(model, prompt, 12)
+
+
+def test_read_behind_keeps_order_and_stays_lag_steps_back():
+    produced = []
+
+    def source(n):
+        for i in range(n):
+            produced.append(i)
+            yield i
+
+    for n in (0, 3, 20):
+        produced.clear()
+        seen = []
+        for item in optimus.read_behind(source(n), lag=4):
+            seen.append(item)
+            assert len(produced) == min(n, item + 5)  # the source runs 4 steps ahead, up to its end
+        assert seen == list(range(n))
+
+
 def test_batched_prompts_of_different_lengths_equal_one_by_one():
     model = tiny_model(1)
     prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (3, 17, 8)]
@@ -203,13 +229,13 @@ def test_cli_corrupt_truncated_and_missing_checkpoints(checkpoint, tmp_path):
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ["ref", "ext"])
-def test_cuda_graph_decoding_equals_full_forward_passes(impl):
+@pytest.mark.parametrize("impl, compiled", [("ref", False), ("ext", False), ("ext", True)])
+def test_cuda_graph_decoding_equals_full_forward_passes(impl, compiled):
     torch.manual_seed(4)
     model_cfg, _ = optimus.make_configs("tiny", impl=impl)
     model = optimus.Transformer(model_cfg).cuda().eval()
     prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 12)]
-    decoder = optimus.Decoder(model, 2, use_graph=True)
+    decoder = optimus.Decoder(model, 2, use_graph=True, compile=compiled)
     assert decoder.graph is not None
     decoder.warm_up(0.8, 0.9, 0)
     batched = torch.stack(list(optimus.generate(model, prompts, 24, temperature=0, eot_id=None,

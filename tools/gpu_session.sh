@@ -22,8 +22,11 @@ check)
   $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
   $PY optimus.py train --data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare --dataset_size 200 \
     --max_steps 5 --compile false --checkpoint_dir checkpoints/cli --run_name cli >/dev/null 2>&1
-  printf 'Write the next speech of the play.\nAnd the one after it.\n' | $PY optimus.py sample --ckpt checkpoints/cli \
-    --max_new_tokens 256 --seed 1 2>&1 | grep "tokens/s" | tee "$OUT/sample_speed.txt"
+  for compile in false true; do
+    printf 'Write the next speech of the play.\nAnd the one after it.\n' | $PY optimus.py sample --ckpt checkpoints/cli \
+      --max_new_tokens 256 --seed 1 --compile $compile 2>&1 | grep "tokens/s" | sed "s/^/compile $compile: /" \
+      | tee -a "$OUT/sample_speed.txt"
+  done
   ;;
 train)
   $PY bench.py --device cuda --only train --json "$OUT/train.json" 2>&1 | tee "$OUT/train_bench.txt"
