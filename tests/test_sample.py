@@ -176,9 +176,10 @@ def run_sample(*args, stdin=None):
                           capture_output=True, text=True, timeout=300, input=stdin)
 
 
-def test_cli_one_shot_answer_is_the_greedy_continuation(checkpoint):
+@pytest.mark.parametrize("compile_flag", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_cli_one_shot_answer_is_the_greedy_continuation(checkpoint, compile_flag):
     result = run_sample("--ckpt", str(checkpoint), "--prompt", "Name a colour.", "--temperature", "0",
-                        "--max_new_tokens", "12")
+                        "--max_new_tokens", "12", *compile_flag)
     assert result.returncode == 0, result.stderr
     enc = optimus.load_tokenizer()
     prompt = enc.encode_ordinary(data_prep.format_prompt(data_prep.DOLLY_TEMPLATE, "Name a colour."))
