@@ -12,15 +12,21 @@ PY=python3
 gpus=$($PY -c 'import torch; print(torch.cuda.device_count())')
 echo "$(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) x$gpus, torch $($PY -c 'import torch; print(torch.__version__)')"
 
+# Dolly-format records made from tinyshakespeare: data/shakespeare-dolly.jsonl.
+shakespeare_dolly() {
+  mkdir -p data
+  $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
+}
+
 case "${1:-check}" in
 check)
   tools/gpu_check.sh
   $PY -m pytest -q -rs tests/test_sample.py tests/test_train.py tests/test_model.py -k "cuda or logits" 2>&1 | tee "$OUT/cuda_tests.txt"
   $PY bench.py --device cuda --only decode --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt"
   # The CLI's reported speed: two answers of the default model after 5 uncompiled steps.
-  mkdir -p data
-  $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
-  $PY optimus.py train --data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare --dataset_size 200 \
+  # Its own data_dir: the train stage's data/shakespeare holds all records, this one 200.
+  shakespeare_dolly
+  $PY optimus.py train --data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare-200 --dataset_size 200 \
     --max_steps 5 --compile false --checkpoint_dir checkpoints/cli --run_name cli >/dev/null 2>&1
   for compile in false true; do
     printf 'Write the next speech of the play.\nAnd the one after it.\n' | $PY optimus.py sample --ckpt checkpoints/cli \
@@ -30,8 +36,7 @@ check)
   ;;
 train)
   $PY bench.py --device cuda --only train --json "$OUT/train.json" 2>&1 | tee "$OUT/train_bench.txt"
-  mkdir -p data
-  $PY tools/text_to_dolly.py .carry/tinyshakespeare.txt data/shakespeare-dolly.jsonl
+  shakespeare_dolly
   common=(--data_input data/shakespeare-dolly.jsonl --data_dir data/shakespeare --dataset_size 0
           --max_steps 80 --log_interval 20 --eval_interval 40 --learning_rate 3e-4)
   $PY optimus.py train "${common[@]}" --batch_size 16 --run_name gpu1 --checkpoint_dir checkpoints/gpu1 2>&1 \
