@@ -1525,11 +1525,10 @@ def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
     vocab.bpe as they are) and fast (tokenizer.json, the same BPE in the `tokenizers` format).
     Returns {file name: JSON object, or text for merges.txt}."""
     from tiktoken.load import read_file_cached
-    enc = load_tokenizer()
     vocab = json.loads(read_file_cached(GPT2_FILES_URL + "encoder.json"))
     merges_txt = read_file_cached(GPT2_FILES_URL + "vocab.bpe").decode()
     merges = [line for line in merges_txt.split("\n")[1:] if line]  # after the "#version" line
-    eot = enc.decode_single_token_bytes(EOT_ID).decode()
+    eot = next(text for text, token_id in vocab.items() if token_id == EOT_ID)  # "<|endoftext|>"
     byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer_json = {  # the `tokenizers` library's format, for the fast tokenizer
         "version": "1.0",
