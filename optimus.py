@@ -9,8 +9,11 @@ data loading -> trainer -> sampler -> export -> CLI.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
@@ -1630,7 +1633,7 @@ def parse_value(name: str, text: str, typ) -> object:
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise UserError(f"--{name} expects true/false/1/0, got '{text}'")
+        raise UserError(f"--{name} expects true/false/1/0/yes/no, got '{text}'")
     try:
         return typ(text)
     except ValueError:
@@ -1638,28 +1641,87 @@ def parse_value(name: str, text: str, typ) -> object:
         raise UserError(f"--{name} expects {kind}, got '{text}'") from None
 
 
-def parse_flags(argv: list[str], spec: dict[str, type]) -> dict:
-    """`--name value`, `--name=value`, bare `--name` (booleans only: true) -> {name: value}."""
-    values, i = {}, 0
+class CLIExit(Exception):
+    """`--help` was printed: the command ends here, with this exit code."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse under the CLI's error rule: a bad command line is one UserError line (no usage dump,
+    no SystemExit); `--help` ends the command through CLIExit, so main() returns its code."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            sys.stderr.write(message)
+        raise CLIExit(status)
+
+
+Flags = dict[str, tuple[type, object, str]]  # {name: (type, default, help)}: one command's flags
+METAVARS = {int: "N", float: "X", str: "TEXT", bool: "BOOL"}
+FLAG_FORMS = ("flags: --NAME VALUE or --NAME=VALUE; booleans take true/false/1/0/yes/no, "
+              "and a bare --NAME means true")
+
+
+def prog_name() -> str:
+    """How the user called us: `optimus` (the console script) or `optimus.py`."""
+    name = Path(sys.argv[0]).name
+    return name if name in ("optimus", "optimus.py") else "optimus.py"
+
+
+def flag_parser(prog: str, description: str, groups: dict[str, Flags], epilog: str = "") -> CLIParser:
+    """An argparse parser with one `--name` per flag. Flags not given are absent from the result
+    (argparse.SUPPRESS), so callers tell "left at its default" from "set to the default value"."""
+    parser = CLIParser(prog=prog, description=description, epilog=f"{epilog}\n\n{FLAG_FORMS}".strip(),
+                       allow_abbrev=False,  # `--temp` must not quietly mean --temperature
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.flag_types = {}
+    for title, flags in groups.items():
+        group = parser.add_argument_group(title) if title else parser
+        for name, (typ, default, help_text) in flags.items():
+            shown = str(default).lower() if typ is bool else "''" if default == "" else default
+            help_text = (help_text + (f" (default: {shown})" if shown is not None else "")).replace("%", "%%")
+            shape = {"nargs": "?", "const": True} if typ is bool else {}  # a bare --flag means true
+            group.add_argument(f"--{name}", type=functools.partial(parse_value, name, typ=typ),
+                               default=argparse.SUPPRESS, metavar=METAVARS.get(typ, "VALUE"),
+                               help=help_text, **shape)
+            parser.flag_types[name] = typ
+    return parser
+
+
+def parse_command(parser: CLIParser, argv: list[str]) -> dict:
+    """{name: value} of the flags given; an unknown flag is a UserError with the closest names."""
+    # `--name VALUE` takes the next word as the value, whatever it looks like (-1e-3, "-x", a
+    # word starting with --), as the CLI always did; argparse alone would read "-1e-3" as a flag.
+    joined, i = [], 0
     while i < len(argv):
-        arg = argv[i]
+        name = argv[i][2:] if argv[i].startswith("--") else None
+        if parser.flag_types.get(name, bool) is not bool and i + 1 < len(argv):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    namespace, extra = parser.parse_known_args(joined)
+    if extra:
+        arg = extra[0]
         if not arg.startswith("--") or len(arg) == 2:
-            raise UserError(f"unexpected argument '{arg}': flags look like --name value (see --help)")
-        name, eq, text = arg[2:].partition("=")
-        if name not in spec:
-            raise UserError(f"unknown flag --{name} (see --help for the list)")
-        typ = spec[name]
-        if not eq:
-            if typ is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                text = "true"
-            elif i + 1 < len(argv):
-                i += 1
-                text = argv[i]
-            else:
-                raise UserError(f"--{name} needs a value")
-        values[name] = parse_value(name, text, typ)
-        i += 1
-    return values
+            raise UserError(f"unexpected argument '{arg}': flags look like --name value (see {parser.prog} --help)")
+        name = arg[2:].partition("=")[0]
+        close = difflib.get_close_matches(name, list(parser.flag_types), n=3, cutoff=0.6)
+        hint = f": did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+        raise UserError(f"unknown flag --{name}{hint} (see {parser.prog} --help)")
+    return vars(namespace)
+
+
+def parse_flags(argv: list[str], spec: dict[str, type]) -> dict:
+    """`--name value`, `--name=value`, bare `--name` (booleans only: true) -> {name: value} of those given."""
+    return parse_command(flag_parser(prog_name(), "", {"": {n: (t, None, "") for n, t in spec.items()}}), argv)
 
 
 def config_flag_types() -> dict[str, type]:
@@ -1691,36 +1753,31 @@ EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
 }
 
 
-def usage() -> str:
-    lines = [
-        "usage: python optimus.py {train,sample,export} [--FIELD VALUE ...]",
-        "",
-        "  train    train a model: [--preset NAME] and any config field below",
-        "  sample   generate text from a checkpoint (interactive without --prompt)",
-        "  export   write a checkpoint in the Hugging Face Llama format",
-        "",
-        f"presets: {', '.join(PRESETS)}",
-    ]
+def train_parser(prog: str) -> CLIParser:
+    """train's flags: --preset and every config field, in groups; the epilog lists the presets."""
+    groups: dict[str, Flags] = {"": {"preset": (str, "base", f"named field overrides: {', '.join(PRESETS)} "
+                                                            f"(what each sets: below)")}}
     for title, cls in (("model config", ModelConfig), ("training config", TrainingConfig)):
-        lines += ["", f"{title} (train --FIELD VALUE):"]
-        for f in dataclasses.fields(cls):
-            lines.append(f"  --{f.name:<22} {f.default!s:<32} {f.metadata['help']}")
-    for title, flags in (("sample", SAMPLE_FLAGS), ("export", EXPORT_FLAGS)):
-        lines += ["", f"{title}:"]
-        for name, (_, default, help_text) in flags.items():
-            lines.append(f"  --{name:<22} {default!s:<32} {help_text}")
-    lines += ["", "booleans take true/false/1/0; a bare --FIELD means true; --FIELD=VALUE also works"]
-    return "\n".join(lines)
+        hints = typing.get_type_hints(cls)
+        groups[title] = {f.name: (hints[f.name], f.default, f.metadata["help"]) for f in dataclasses.fields(cls)}
+    presets = [f"  {name:<6} " + (" ".join(f"{k}={v}" for k, v in values.items()) or "the defaults above")
+               for name, values in PRESETS.items()]
+    epilog = "presets (--preset NAME sets these fields; the flags you pass override them):\n" + "\n".join(presets)
+    return flag_parser(prog, "Train a model on the token files in --data_dir (prepared first if missing).",
+                       groups, epilog)
 
 
-def command_flags(argv: list[str], flags: dict[str, tuple[type, object, str]]) -> dict:
-    """Parse a subcommand's own flags and fill in their defaults."""
-    values = parse_flags(argv, {name: typ for name, (typ, _, _) in flags.items()})
+def command_flags(argv: list[str], flags: Flags) -> dict:
+    """Parse a subcommand's own flags (its COMMANDS entry names it in --help) and fill in their defaults."""
+    name = next((n for n, c in COMMANDS.items() if c.flags is flags), "")
+    description = COMMANDS[name].help if name else ""
+    values = parse_command(flag_parser(f"{prog_name()} {name}".strip(), description, {"": flags}), argv)
     return {name: values.get(name, default) for name, (_, default, _) in flags.items()}
 
 
 def cmd_train(argv: list[str]) -> int:
-    values = parse_flags(argv, {"preset": str, **config_flag_types()})
+    """Train a model (flags: --preset and any config field)."""
+    values = parse_command(train_parser(f"{prog_name()} train"), argv)
     model_cfg, train_cfg = make_configs(values.pop("preset", "base"), **values)
     train(model_cfg, train_cfg)
     return 0
@@ -1737,20 +1794,44 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+class Command(typing.NamedTuple):
+    run: typing.Callable[[list[str]], int]
+    flags: Flags | None  # None: train, whose flags are the config fields
+    help: str
+
+
+# The CLI's commands: adding one is one line here (its flags dict generates its --help).
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, None, "train a model: --preset NAME and any config field"),
+    "sample": Command(cmd_sample, SAMPLE_FLAGS, "chat with a checkpoint (interactive without --prompt)"),
+    "export": Command(cmd_export, EXPORT_FLAGS, "write a checkpoint in the Hugging Face Llama format"),
+}
+
+
+def top_parser(prog: str) -> CLIParser:
+    parser = CLIParser(prog=prog, description="Optimus Prime: a small, fast, hackable Llama-style LM engine.",
+                       epilog=f"'{prog} COMMAND --help' lists a command's flags.\n{FLAG_FORMS}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        commands.add_parser(name, help=command.help)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: `train`, `sample`, `export`; returns the exit code (2: a user error)."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export}
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    if argv[0] not in commands:
-        print(f"error: unknown command '{argv[0]}': use train, sample or export (see --help)", file=sys.stderr)
-        return 2
-    if any(a in ("-h", "--help") for a in argv[1:]):
-        print(usage())
-        return 0
     try:
-        return commands[argv[0]](argv[1:]) or 0
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(top_parser(prog_name()).format_help())
+            return 0
+        if argv[0] not in COMMANDS:
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"unknown command '{argv[0]}'{hint}: use {', '.join(COMMANDS)} (see --help)")
+        return COMMANDS[argv[0]].run(argv[1:]) or 0
+    except CLIExit as exc:
+        return exc.code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

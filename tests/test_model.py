@@ -153,23 +153,48 @@ def run_cli(*args):
     (["train", "--dim", "wide"], "--dim expects an integer"),
     (["train", "--checkpointing=maybe"], "--checkpointing expects true/false"),
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--lerning_rate", "3e-4"], "unknown flag --lerning_rate: did you mean --learning_rate?"),
+    (["train", "--dim"], "--dim: expected one argument"),        # argparse's own errors: one line too
+    (["train", "extra"], "unexpected argument 'extra'"),
+    (["sample", "--temprature", "0"], "did you mean --temperature?"),
+    (["sample", "--prompt"], "--prompt: expected one argument"),
+    (["export", "--fource"], "did you mean --force?"),
+    (["trian"], "did you mean train?"),
 ])
 def test_cli_rejects_bad_flags_in_one_line(args, needle):
     result = run_cli(*args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
 
 
-def test_help_lists_commands_and_every_field():
-    result = run_cli("--help")
-    assert result.returncode == 0
+def test_main_returns_the_exit_code_of_errors_and_help(capsys):
+    assert optimus.main(["train", "--no_such_field", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert optimus.main(["sample", "--help"]) == 0
+    assert "--max_new_tokens" in capsys.readouterr().out
+
+
+def test_help_lists_commands_and_each_command_its_own_flags():
+    top = run_cli("--help")
+    assert top.returncode == 0
     for name in ("train", "sample", "export"):
-        assert name in result.stdout
+        assert name in top.stdout
+    train = run_cli("train", "--help")
+    assert train.returncode == 0 and train.stdout.startswith("usage: optimus.py train")
     for cls in (optimus.ModelConfig, optimus.TrainingConfig):
         for f in optimus.dataclasses.fields(cls):
-            assert f"--{f.name} " in result.stdout
+            assert f"--{f.name} " in train.stdout
+    # What a preset sets is written in train's help: every override of `tiny`.
+    tiny_line = next(line for line in train.stdout.splitlines() if line.strip().startswith("tiny "))
+    for key, value in optimus.PRESETS["tiny"].items():
+        assert f"{key}={value}" in tiny_line
+    for command, flags in (("sample", optimus.SAMPLE_FLAGS), ("export", optimus.EXPORT_FLAGS)):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: optimus.py {command}")
+        assert all(f"--{name} " in result.stdout for name in flags)
+        assert "--dim " not in result.stdout  # its own flags, not train's
 
 
 def test_flag_forms():
@@ -178,6 +203,13 @@ def test_flag_forms():
     assert parsed == {"dim": 96, "checkpointing": True, "resume": False, "learning_rate": 3e-4}
     model_cfg, train_cfg = optimus.make_configs("tiny", **parsed)
     assert model_cfg.dim == 96 and model_cfg.hidden_dim == 256 and train_cfg.learning_rate == 3e-4
+    for text, value in (("true", True), ("1", True), ("yes", True), ("YES", True), ("false", False), ("0", False),
+                        ("no", False)):
+        assert optimus.parse_flags([f"--resume={text}"], types) == {"resume": value}
+        assert optimus.parse_flags(["--resume", text, "--dim", "8"], types) == {"resume": value, "dim": 8}
+    assert optimus.parse_flags(["--resume", "--dim", "8", "--tie_embeddings"], types) == {
+        "resume": True, "dim": 8, "tie_embeddings": True}  # bare booleans, before a flag and at the end
+    assert optimus.parse_flags(["--learning_rate", "-1e-3"], types) == {"learning_rate": -1e-3}  # a negative value
 
 
 def test_auto_kernels_are_references_for_training_only():
