@@ -112,6 +112,21 @@ def format_record(template: dict, record: dict) -> str:
     return format_prompt(template, record["instruction"], record.get("context", "")) + record["response"].strip()
 
 
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding. Its files come from tiktoken's cache or a download; offline
+    without the cache, one DataError says what to set instead of a network library's traceback."""
+    try:
+        return tiktoken.get_encoding(TOKENIZER)
+    except (OSError, ValueError) as exc:  # requests' errors are OSErrors; ValueError: a bad cached file
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} does not hold them" if cache else "TIKTOKEN_CACHE_DIR is not set"
+        raise DataError(f"cannot load tiktoken's {TOKENIZER} files ({type(exc).__name__}; {where}): go online "
+                        f"once, or set TIKTOKEN_CACHE_DIR to a folder holding them (README: Offline)") from None
+
+
 # ----------------------------------------------------------------------------- reading input
 
 
@@ -123,8 +138,9 @@ def dataset_url(dataset_name: str) -> str:
     return f"https://huggingface.co/datasets/{dataset_name}/resolve/main/{dataset_name.split('/')[1]}.jsonl"
 
 
-def download(url: str, dest: Path) -> Path:
-    """Fetch `url` into `dest` (through a temporary file) unless it is already there."""
+def download(url: str, dest: Path, input_flag: str = "--input") -> Path:
+    """Fetch `url` into `dest` (through a temporary file) unless it is already there. Errors name
+    `input_flag`, the caller's flag for a local file instead (train's is --data_input)."""
     if dest.is_file():
         print(f"using {dest} (downloaded before)")
         return dest
@@ -146,12 +162,12 @@ def download(url: str, dest: Path) -> Path:
                         print(file=sys.stderr)  # end the progress line, also before an error message
         if total and done != total:
             raise DataError(f"download of {url} stopped after {done} of {total} bytes: run again, "
-                            f"or download the file yourself and pass it with --input FILE")
+                            f"or download the file yourself and pass it with {input_flag} FILE")
         os.replace(tmp, dest)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
         raise DataError(f"could not download {url} ({reason}): download the file yourself and pass "
-                        f"it with --input FILE") from None
+                        f"it with {input_flag} FILE") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -342,8 +358,9 @@ def is_up_to_date(out: Path, sha256: str, settings: dict) -> dict | None:
 
 
 def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, train_val_split: float = 0.9,
-            seed: int = 1337, dataset_name: str = "databricks/databricks-dolly-15k") -> dict:
-    """Turn `input_path` (None or '': download `dataset_name`) into out_dir's token files; return the meta."""
+            seed: int = 1337, dataset_name: str = "databricks/databricks-dolly-15k", input_flag: str = "--input") -> dict:
+    """Turn `input_path` (None or '': download `dataset_name`) into out_dir's token files; return the meta.
+    Messages name `input_flag` as the caller's flag for the input file."""
     if dataset_size < 0 or dataset_size == 1:
         raise DataError(f"dataset_size {dataset_size} is invalid: use 0 (all records) or at least 2 "
                         f"(one for train, one for val)")
@@ -354,14 +371,14 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
     if input_path:
         path = Path(input_path)
         if not path.is_file():
-            raise DataError(f"input file {path} does not exist: check the path given to --input")
+            raise DataError(f"input file {path} does not exist: check the path given to {input_flag}")
     else:
         url = dataset_url(dataset_name)
-        path = download(url, out.parent / url.rsplit("/", 1)[1])
+        path = download(url, out.parent / url.rsplit("/", 1)[1], input_flag)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read {path} ({exc.strerror or exc}): check the --input file") from None
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}): check the {input_flag} file") from None
     sha256 = hashlib.sha256(data).hexdigest()
     settings = {"dataset_size": dataset_size, "train_val_split": train_val_split, "seed": seed}
 
@@ -370,7 +387,7 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
               f"(train {meta['counts']['tokens_train']:,} tokens, val {meta['counts']['tokens_val']:,} tokens)")
         return meta
 
-    enc = tiktoken.get_encoding(TOKENIZER)
+    enc = gpt2_encoding()
     if detect_format(path, data) == "text":
         fmt, train, val, counts = build_text(path, data, enc, train_val_split)
     else:

@@ -805,17 +805,46 @@ class RunLog:
 
 
 def ensure_token_files(cfg: TrainingConfig, dist: DistEnv) -> dict:
-    """The data directory's meta.json, running data preparation first if its files are missing."""
+    """The data directory's meta.json, running data preparation first if its files are missing.
+
+    With --data_input the directory must hold that file's tokens (meta.json records the source's
+    sha256). When it holds another source's, this refuses and names both ways out, rather than
+    train on data the user did not ask for or overwrite tokens another run may resume from."""
     data_dir = Path(cfg.data_dir)
     try:
-        if dist.is_main and not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "meta.json")):
-            print(f"no token files in {data_dir}: preparing them first")
-            data_prep.prepare(cfg.data_input or None, str(data_dir), cfg.dataset_size, cfg.train_val_split,
-                              cfg.seed, cfg.dataset_name)
+        if dist.is_main:
+            present = all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "meta.json"))
+            if present and cfg.data_input and Path(cfg.data_input).is_file():
+                check_data_source(data_dir, Path(cfg.data_input))
+            if not present or cfg.data_input:  # prepare() does nothing when the tokens are up to date
+                if not present:
+                    print(f"no token files in {data_dir}: preparing them first from "
+                          f"{cfg.data_input or cfg.dataset_name}")
+                meta = data_prep.prepare(cfg.data_input or None, str(data_dir), cfg.dataset_size,
+                                         cfg.train_val_split, cfg.seed, cfg.dataset_name, input_flag="--data_input")
+                counts = meta["counts"]
+                taken = counts["records_train"] + counts["records_val"]
+                if meta["format"] != "text" and taken < counts["records_usable"]:
+                    print(f"note: training on {taken:,} of the {counts['records_usable']:,} records of "
+                          f"{meta['source']['path']} (--dataset_size {cfg.dataset_size}; 0 takes them all)")
         dist.barrier()
         return data_prep.load_meta(str(data_dir))
     except data_prep.DataError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_data_source(data_dir: Path, data_input: Path) -> None:
+    """Raise a UserError when data_dir's token files were made from another file than data_input."""
+    import hashlib
+    source = data_prep.load_meta(data_dir).get("source") or {}
+    if source.get("sha256") == hashlib.sha256(data_input.read_bytes()).hexdigest():
+        return
+    elsewhere = data_dir.parent / data_input.stem
+    if elsewhere == data_dir:  # the same name: the file changed since its tokens were made
+        elsewhere = data_dir.with_name(f"{data_dir.name}_new")
+    raise UserError(f"{data_dir} holds the tokens of another source ({source.get('path', 'unknown')}), not of "
+                    f"{data_input}: pass --data_dir {elsewhere} to prepare {data_input} there, or delete "
+                    f"{data_dir} to replace them")
 
 
 def format_duration(seconds: float) -> str:
@@ -1292,19 +1321,64 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
 
 
 def load_tokenizer():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    """tiktoken's GPT-2 encoding; offline without its files, one UserError saying what to set."""
+    try:
+        return data_prep.gpt2_encoding()
+    except data_prep.DataError as exc:
+        raise UserError(str(exc)) from None
+
+
+def ready_to_generate(model: Transformer, rt: Runtime, impl: str) -> Transformer:
+    """A loaded model with `impl` kernels (built here when needed), bf16/fp16 weights on CUDA."""
+    model.cfg.impl = impl
+    if rt.device.type == "cuda":
+        model = model.to(rt.dtype)  # decoding reads every weight per token: half the bytes, ~2x speed
+    resolve_impl(impl, rt.device)
+    return model
 
 
 def inference_model(ckpt: str, device: str, impl: str) -> tuple[Transformer, dict, Runtime]:
     """A checkpoint's model ready to generate: on `device`, eval mode, bf16/fp16 weights on CUDA."""
     rt = resolve_runtime(device)
     model, ckpt_dict = load_checkpoint(ckpt, rt.device)
-    model.cfg.impl = impl
-    if rt.device.type == "cuda":
-        model = model.to(rt.dtype)  # decoding reads every weight per token: half the bytes, ~2x speed
-    resolve_impl(impl, rt.device)
-    return model, ckpt_dict, rt
+    return ready_to_generate(model, rt, impl), ckpt_dict, rt
+
+
+DEFAULT_MAX_NEW_TOKENS = 256  # an answer's length limit when the user sets none and the model has room
+
+
+def default_max_new_tokens(max_seq_len: int) -> int:
+    """256 tokens, or half of max_seq_len when that is less: the other half stays for the prompt
+    (and the conversation so far), which a default as long as the context would cut to one token."""
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, max_seq_len // 2))
+
+
+def fit_max_new_tokens(requested: int | None, max_seq_len: int) -> int:
+    """The answer length to use: the user's value, which must fit (UserError otherwise), or the
+    default fitted to the model, with a note on stderr when it had to be lowered."""
+    if requested is not None:
+        if not 0 < requested < max_seq_len:
+            raise UserError(f"--max_new_tokens must be between 1 and {max_seq_len - 1} "
+                            f"(the model's max_seq_len - 1), got {requested}")
+        return requested
+    fitted = default_max_new_tokens(max_seq_len)
+    if fitted < DEFAULT_MAX_NEW_TOKENS:
+        print(f"note: answers stop at {fitted} tokens, half of this model's max_seq_len {max_seq_len} (the "
+              f"default is {DEFAULT_MAX_NEW_TOKENS}); --max_new_tokens N sets it, up to {max_seq_len - 1}",
+              file=sys.stderr)
+    return fitted
+
+
+def fit_history(history: list[list[int]], turn: list[int], budget: int) -> list[list[int]]:
+    """The newest past turns (token ids, oldest first) that fit in `budget` tokens together with
+    the new `turn`: whole turns, the oldest dropped first."""
+    kept, used = [], len(turn)
+    for past in reversed(history):
+        if used + len(past) > budget:
+            break
+        kept.append(past)
+        used += len(past)
+    return kept[::-1]
 
 
 class TextStream:
@@ -1335,29 +1409,40 @@ def read_behind(steps, lag: int = 8):
 
 
 def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict, template: dict | None,
-           generator: torch.Generator | None, out=sys.stdout) -> tuple[int, float, float]:
+           generator: torch.Generator | None, out=sys.stdout,
+           history: list[list[int]] | None = None) -> tuple[int, float, float]:
     """Stream one answer to `out`; returns (tokens generated, seconds, seconds to the first token,
-    the prompt's prefill included). Ctrl-C ends it early."""
+    the prompt's prefill included). Ctrl-C ends it early.
+
+    With `history` (past turns' token ids, oldest first) the answer continues a conversation: the
+    model reads the newest past turns that leave room for max_new_tokens in max_seq_len, then this
+    turn, and this turn (prompt, answer, <|endoftext|>) is appended. Each turn is what training saw
+    of one record, and records follow each other after <|endoftext|>. An empty text starts a
+    document from scratch (the model reads only <|endoftext|>)."""
     import time
     prompt = data_prep.format_prompt(template, text) if template and not settings["raw"] else text
-    ids = enc.encode_ordinary(prompt)
-    stream, count, start = TextStream(enc), 0, time.perf_counter()
+    ids = enc.encode_ordinary(prompt) if text.strip() else [EOT_ID]
+    past = fit_history(history, ids, model.cfg.max_seq_len - settings["max_new_tokens"]) if history else []
+    stream, tokens, start = TextStream(enc), [], time.perf_counter()
     first = 0.0
     try:
-        for token in read_behind(generate(model, [ids], settings["max_new_tokens"], settings["temperature"],
-                                          settings["top_p"], settings["top_k"], generator, decoder=decoder)):
+        for token in read_behind(generate(model, [sum(past, []) + ids], settings["max_new_tokens"],
+                                          settings["temperature"], settings["top_p"], settings["top_k"],
+                                          generator, decoder=decoder)):
             token = int(token[0])
             first = first or time.perf_counter() - start
             if token == EOT_ID:
                 break
-            count += 1
+            tokens.append(token)
             out.write(stream.push(token))
             out.flush()
     except KeyboardInterrupt:
         out.write(" [stopped]")
     out.write(stream.flush() + "\n")
     out.flush()
-    return count, time.perf_counter() - start, first
+    if history is not None:
+        history[:] = [*past, ids + tokens + [EOT_ID]]
+    return len(tokens), time.perf_counter() - start, first
 
 
 REPL_HELP = """commands:
@@ -1366,6 +1451,7 @@ REPL_HELP = """commands:
   /top_k K     keep the K most likely tokens (0: all)
   /max N       new tokens per answer
   /raw on|off  feed prompts as-is instead of through the instruction template
+  /reset       forget the conversation: the next answer starts afresh
   /show        the current settings
   /help        this list
   /quit        exit (Ctrl-D too); Ctrl-C stops an answer"""
@@ -1373,13 +1459,17 @@ REPL_SETTINGS = {"/temp": ("temperature", float), "/top_p": ("top_p", float), "/
                  "/max": ("max_new_tokens", int), "/raw": ("raw", bool)}
 
 
-def repl_command(line: str, settings: dict, max_seq_len: int) -> str | None:
-    """Apply one /command to the settings; returns what to print, or None to quit."""
+def repl_command(line: str, settings: dict, max_seq_len: int, history: list | None = None) -> str | None:
+    """Apply one /command to the settings (or the conversation); returns what to print, or None to quit."""
     name, _, arg = line.strip().partition(" ")
     if name in ("/quit", "/exit"):
         return None
     if name == "/help":
         return REPL_HELP
+    if name == "/reset":
+        if history is not None:
+            history.clear()
+        return "conversation forgotten: the next answer starts afresh"
     if name == "/show":
         return "  ".join(f"{k}={v}" for k, v in settings.items())
     if name not in REPL_SETTINGS:
@@ -1399,29 +1489,37 @@ def repl_command(line: str, settings: dict, max_seq_len: int) -> str | None:
 
 
 def cmd_sample(argv: list[str]) -> int:
+    """Chat with a checkpoint: one answer with --prompt, else a conversation read line by line."""
     args = command_flags(argv, SAMPLE_FLAGS)
+    # Every check that needs no model comes first: loading it and building the extension take a while.
     try:
         check_sampling_args(args["temperature"], args["top_p"], args["top_k"])
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args["impl"] not in ("auto", "ext", "ref"):
         raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
-    model, ckpt, rt = inference_model(args["ckpt"], args["device"], args["impl"])
-    if not 0 < args["max_new_tokens"] < model.cfg.max_seq_len:
-        raise UserError(f"--max_new_tokens must be between 1 and {model.cfg.max_seq_len - 1} "
-                        f"(the model's max_seq_len - 1)")
+    if args["max_new_tokens"] is not None and args["max_new_tokens"] < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {args['max_new_tokens']}")
+    enc = load_tokenizer()
+    rt = resolve_runtime(args["device"])
+    model, ckpt = load_checkpoint(args["ckpt"], rt.device)
+    max_new_tokens = fit_max_new_tokens(args["max_new_tokens"], model.cfg.max_seq_len)
+    model = ready_to_generate(model, rt, args["impl"])
     generator = None
     if args["seed"] is not None:
         generator = torch.Generator(rt.device).manual_seed(args["seed"])
-    settings = {k: args[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "raw")}
+    settings = {k: args[k] for k in ("temperature", "top_p", "top_k", "raw")}
+    settings["max_new_tokens"] = max_new_tokens
     if args["compile"]:
         print("compiling the decoding step (once per process; tens of seconds on a GPU)...", file=sys.stderr)
-    enc, decoder, template = load_tokenizer(), Decoder(model, 1, compile=args["compile"]), ckpt.get("template")
+    decoder, template = Decoder(model, 1, compile=args["compile"]), ckpt.get("template")
     if rt.device.type == "cuda":
         decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
 
-    def respond(text: str) -> None:
-        count, seconds, first = answer(model, decoder, enc, text, settings, template, generator)
+    history: list[list[int]] = []  # the conversation's turns, as token ids (interactive only)
+
+    def respond(text: str, history: list | None = None) -> None:
+        count, seconds, first = answer(model, decoder, enc, text, settings, template, generator, history=history)
         print(f"[{count} tokens, {count / max(seconds, 1e-9):.1f} tokens/s, first token after "
               f"{first * 1e3:.0f} ms]", file=sys.stderr)
 
@@ -1430,8 +1528,9 @@ def cmd_sample(argv: list[str]) -> int:
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Optimus Prime ({model.num_params() / 1e6:.1f}M parameters, {rt.device}). /help lists "
-              f"commands, /quit exits.")
+        print(f"Optimus Prime ({model.num_params() / 1e6:.1f}M parameters, {rt.device}). Each answer sees the "
+              f"conversation so far (as much as max_seq_len {model.cfg.max_seq_len} holds); /reset forgets it, "
+              f"/help lists commands, /quit exits.")
     while True:
         try:
             line = input("> " if interactive else "")
@@ -1441,12 +1540,12 @@ def cmd_sample(argv: list[str]) -> int:
             print("\n(/quit or Ctrl-D exits)")
             continue
         if line.startswith("/"):
-            reply = repl_command(line, settings, model.cfg.max_seq_len)
+            reply = repl_command(line, settings, model.cfg.max_seq_len, history)
             if reply is None:
                 return 0
             print(reply)
         elif line.strip():
-            respond(line)
+            respond(line, history)
 
 
 # ----------------------------------------------------------------------------- export
@@ -1487,9 +1586,10 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def hf_generation_config() -> dict:
+def hf_generation_config(cfg: ModelConfig) -> dict:
     """generation_config.json: `model.generate()` samples like our `sample` command by default."""
-    defaults = {name: SAMPLE_FLAGS[name][1] for name in ("temperature", "top_p", "top_k", "max_new_tokens")}
+    defaults = {name: SAMPLE_FLAGS[name][1] for name in ("temperature", "top_p", "top_k")}
+    defaults["max_new_tokens"] = default_max_new_tokens(cfg.max_seq_len)  # what fits the model, as sample's
     # pad_token_id: GPT-2 has no pad token; naming EOT spares generate() its warning on every call.
     return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": True, **defaults}
 
@@ -1605,7 +1705,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Pat
     shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run that had our pid
     staging.mkdir(parents=True)
     try:
-        files = {"config.json": hf_config(cfg), "generation_config.json": hf_generation_config(),
+        files = {"config.json": hf_config(cfg), "generation_config.json": hf_generation_config(cfg),
                  **gpt2_tokenizer_files(cfg.max_seq_len)}
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
@@ -1740,7 +1840,8 @@ SAMPLE_FLAGS: dict[str, tuple[type, object, str]] = {
     "temperature": (float, 0.8, "sampling temperature; 0 is greedy"),
     "top_p": (float, 0.9, "nucleus sampling: smallest token set reaching this probability"),
     "top_k": (int, 0, "keep the k most likely tokens (0: all)"),
-    "max_new_tokens": (int, 256, "tokens to generate at most"),
+    "max_new_tokens": (int, None, f"tokens per answer at most (default: {DEFAULT_MAX_NEW_TOKENS}, or half of "
+                                  f"the model's max_seq_len when that is less)"),
     "seed": (int, None, "random seed (same seed, same output)"),
     "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
     "impl": (str, "auto", "fused kernels: auto | ext | ref"),

@@ -106,8 +106,10 @@ def test_config_files_and_weights(exported):
     assert sum(w.numel() for w in weights.values()) == n_ours  # every weight, padding rows left out
 
     generation = json.loads((out / "generation_config.json").read_text())
-    for name in ("temperature", "top_p", "top_k", "max_new_tokens"):
+    for name in ("temperature", "top_p", "top_k"):
         assert generation[name] == optimus.SAMPLE_FLAGS[name][1]
+    # sample's default answer length for this model: 256, or half of max_seq_len when that is less.
+    assert generation["max_new_tokens"] == min(256, cfg.max_seq_len // 2)
     assert generation["do_sample"] is True and generation["eos_token_id"] == optimus.EOT_ID
 
 

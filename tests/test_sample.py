@@ -254,3 +254,95 @@ def test_cuda_sampling_is_seeded_and_on_device():
     logits = torch.randn(4, 1000, device="cuda")
     draws = [optimus.sample_next(logits, 0.8, 0.9, 0, torch.Generator("cuda").manual_seed(3)) for _ in range(2)]
     assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
+
+
+def test_default_answer_length_fits_the_model_and_explicit_ones_must(capsys):
+    assert optimus.fit_max_new_tokens(None, 1024) == 256 and capsys.readouterr().err == ""
+    assert optimus.fit_max_new_tokens(None, 128) == 64       # tiny: half the context stays for the prompt
+    note = capsys.readouterr().err
+    assert note.startswith("note:") and note.count("\n") == 1 and "--max_new_tokens" in note
+    assert optimus.fit_max_new_tokens(127, 128) == 127
+    for bad in (128, 0):
+        with pytest.raises(optimus.UserError, match="between 1 and 127"):
+            optimus.fit_max_new_tokens(bad, 128)
+
+
+def test_sample_checks_its_arguments_before_loading_or_building(checkpoint, monkeypatch, capsys):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the extension was built before the arguments were checked")
+    monkeypatch.setattr(optimus, "resolve_impl", no_build)
+    # Out of range for the model: known once the checkpoint's config is read, still before the build.
+    assert optimus.main(["sample", "--ckpt", str(checkpoint), "--prompt", "hi", "--max_new_tokens", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max_new_tokens must be between 1 and 127" in err
+    # Out of range for any model: before the checkpoint is even looked for.
+    assert optimus.main(["sample", "--ckpt", "/no/such.pt", "--max_new_tokens", "0"]) == 2
+    assert "--max_new_tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_offline_without_tiktoken_files_is_one_line(checkpoint, monkeypatch, capsys):
+    import requests
+    import tiktoken
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    for argv in (["sample", "--ckpt", str(checkpoint), "--prompt", "hi"],
+                 ["export", "--ckpt", str(checkpoint), "--out", str(checkpoint.parent / "hf")]):
+        assert optimus.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "set TIKTOKEN_CACHE_DIR" in err, err
+
+
+def test_history_keeps_the_newest_whole_turns_that_fit():
+    history = [[1] * 5, [2] * 3, [3] * 4]
+    assert optimus.fit_history(history, [9] * 2, 100) == history
+    assert optimus.fit_history(history, [9] * 2, 9) == [[2] * 3, [3] * 4]   # 2 + 4 + 3 fit, + 5 would not
+    assert optimus.fit_history(history, [9] * 2, 8) == [[3] * 4]
+    assert optimus.fit_history(history, [9] * 2, 5) == []
+    assert optimus.fit_history(history, [9] * 20, 10) == []                # the new turn alone is too long
+    assert optimus.fit_history([], [9], 10) == []
+
+
+def test_chat_answers_continue_the_conversation_and_reset_forgets_it(checkpoint):
+    import io
+    model, ckpt = optimus.load_checkpoint(checkpoint)
+    enc, template = optimus.load_tokenizer(), ckpt["template"]
+    settings = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 10, "raw": False}
+    decoder = optimus.Decoder(model, 1)
+    turn = lambda text: enc.encode_ordinary(data_prep.format_prompt(data_prep.DOLLY_TEMPLATE, text))
+
+    def expected(prompt):  # greedy tokens up to <|endoftext|>, by full forward passes
+        out = greedy_without_cache(model, prompt, 10)
+        return out[: out.index(optimus.EOT_ID)] if optimus.EOT_ID in out else out
+
+    history = []
+    optimus.answer(model, decoder, enc, "Name a colour.", settings, template, None, io.StringIO(), history)
+    first = expected(turn("Name a colour."))
+    assert history == [turn("Name a colour.") + first + [optimus.EOT_ID]]
+    out = io.StringIO()
+    optimus.answer(model, decoder, enc, "And another?", settings, template, None, out, history)
+    second = expected(history[0] + turn("And another?"))
+    assert out.getvalue() == enc.decode(second) + "\n" and len(history) == 2
+
+    # A context too small for both turns keeps only the newest that fit.
+    newest = turn("And another?") + second + [optimus.EOT_ID]
+    assert history[1] == newest
+    small = {**settings, "max_new_tokens": model.cfg.max_seq_len - len(newest) - len(turn("x"))}
+    optimus.answer(model, decoder, enc, "x", small, template, None, io.StringIO(), history)
+    assert len(history) == 2 and history[0] == newest and history[1][: len(turn("x"))] == turn("x")
+
+    assert "forgotten" in optimus.repl_command("/reset", settings, model.cfg.max_seq_len, history)
+    assert history == []
+
+
+def test_cli_default_length_and_an_empty_prompt(checkpoint):
+    """No --max_new_tokens on a 128-token model: 64 tokens and a note; an empty prompt starts from <|endoftext|>."""
+    result = run_sample("--ckpt", str(checkpoint), "--prompt", "", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "note: answers stop at 64 tokens" in result.stderr
+    expected = greedy_without_cache(optimus.load_checkpoint(checkpoint)[0], [optimus.EOT_ID], 64)
+    if optimus.EOT_ID in expected:
+        expected = expected[: expected.index(optimus.EOT_ID)]
+    assert result.stdout == optimus.load_tokenizer().decode(expected) + "\n"

@@ -232,3 +232,45 @@ def test_cuda_run_with_autocast_and_batch_finder(tmp_path, data_dir):
     assert "mfu" in rows[-2] or "mfu" in rows[-1] or optimus.peak_flops(torch.device("cuda")) is None
     model, _ = optimus.load_checkpoint(tmp_path / "ckpt", "cuda")
     assert model.tok_emb.weight.dtype == torch.float32  # master weights stay float32 under autocast
+
+
+def test_data_input_never_trains_on_another_sources_tokens(tmp_path, capsys):
+    tokens = tmp_path / "data" / "dolly"
+    first, other = write_dolly(tmp_path / "first.jsonl", 30), write_dolly(tmp_path / "mine.jsonl", 40)
+    cfg = optimus.TrainingConfig(data_dir=str(tokens), data_input=str(first), dataset_size=0)
+    assert optimus.ensure_token_files(cfg, optimus.DistEnv())["source"]["path"] == str(first)
+    before = (tokens / "train.bin").read_bytes()
+    cfg = optimus.TrainingConfig(data_dir=str(tokens), data_input=str(other), dataset_size=0)
+    with pytest.raises(optimus.UserError) as info:
+        optimus.ensure_token_files(cfg, optimus.DistEnv())
+    message = str(info.value)
+    assert str(first) in message and str(other) in message
+    assert f"--data_dir {tmp_path / 'data' / 'mine'}" in message and f"delete {tokens}" in message
+    assert (tokens / "train.bin").read_bytes() == before  # nothing was overwritten
+    # The same source again is fine (prepare finds its tokens up to date).
+    cfg = optimus.TrainingConfig(data_dir=str(tokens), data_input=str(first), dataset_size=0)
+    assert optimus.ensure_token_files(cfg, optimus.DistEnv())["source"]["path"] == str(first)
+
+
+def test_preparing_part_of_the_users_file_says_so(tmp_path, capsys):
+    source = write_dolly(tmp_path / "mine.jsonl", 40)
+    cfg = optimus.TrainingConfig(data_dir=str(tmp_path / "tokens"), data_input=str(source), dataset_size=25)
+    meta = optimus.ensure_token_files(cfg, optimus.DistEnv())
+    assert meta["counts"]["records_train"] + meta["counts"]["records_val"] == 25
+    out = capsys.readouterr().out
+    assert "note: training on 25 of the 40 records" in out and "--dataset_size 25; 0 takes them all" in out
+    cfg = optimus.TrainingConfig(data_dir=str(tmp_path / "all"), data_input=str(source), dataset_size=0)
+    optimus.ensure_token_files(cfg, optimus.DistEnv())
+    assert "note: training on" not in capsys.readouterr().out
+
+
+def test_failed_download_names_trains_flag(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def no_network(url, timeout=None):
+        raise urllib.error.URLError("no network here")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    cfg = optimus.TrainingConfig(data_dir=str(tmp_path / "data" / "dolly"))
+    with pytest.raises(optimus.UserError, match="pass it with --data_input FILE"):
+        optimus.ensure_token_files(cfg, optimus.DistEnv())
