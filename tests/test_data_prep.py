@@ -22,7 +22,7 @@ import data_prep
 from data_prep import DataError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "texts" / "tinyshakespeare.txt"  # shipped with the repo
 EOT = 50256
 ENC = tiktoken.get_encoding("gpt2")
 
@@ -276,3 +276,25 @@ def test_download_is_saved_once_and_reused(tmp_path, monkeypatch):
     assert saved.read_bytes() == body and meta["source"]["url"] == calls[0]
     prepare("", str(tmp_path / "data" / "other"), dataset_size=0, dataset_name="someone/my-set")
     assert len(calls) == 1
+
+
+def test_shipped_text_is_the_documented_tinyshakespeare():
+    """The repo carries its own copy (the tests and the README's offline line need no ../shared)."""
+    documented = re.search(r"sha256 of `tinyshakespeare.txt`: `([0-9a-f]{64})`",
+                           (ROOT / "texts" / "README.md").read_text()).group(1)
+    assert hashlib.sha256(SHAKESPEARE.read_bytes()).hexdigest() == documented
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "texts/tinyshakespeare.txt"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert tracked.returncode == 0, "texts/tinyshakespeare.txt is not committed (is it ignored?)"
+
+
+def test_offline_without_tiktoken_files_is_one_line(tmp_path, monkeypatch, capsys):
+    def offline(name):
+        raise OSError("Failed to resolve 'openaipublic.blob.core.windows.net'")  # what requests raises
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    src = write_jsonl(tmp_path / "d.jsonl", [dolly_record(i) for i in range(3)])
+    assert data_prep.main(["--input", str(src), "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "TIKTOKEN_CACHE_DIR is not set" in err
+    assert "set TIKTOKEN_CACHE_DIR" in err

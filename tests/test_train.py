@@ -14,17 +14,12 @@ import data_prep
 import optimus
 from conftest import ROOT, requires_cuda
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "texts" / "tinyshakespeare.txt"  # shipped with the repo
 
 
 def write_dolly(path, n_records=240):
     """A Dolly-format JSONL whose responses are real English (Shakespeare speeches)."""
-    if SHAKESPEARE.is_file():
-        speeches = [s.strip() for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()]
-    else:  # the tests still run without ../shared, on generated English-like text
-        rng = np.random.default_rng(0)
-        words = "the king of a good man and my lord what is this that you will not say to me".split()
-        speeches = [" ".join(rng.choice(words, 30)) for _ in range(n_records)]
+    speeches = [s.strip() for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()]
     with open(path, "w") as f:
         for i in range(n_records):
             speech = speeches[i % len(speeches)]
