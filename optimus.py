@@ -276,12 +276,9 @@ def _register_python_parts() -> None:
 
 
 def _cuda_arch_list() -> str:
-    """sm_90 (H100/H200) always, plus the local GPU's architecture when there is one."""
-    archs = {"9.0"}
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        archs.add(f"{major}.{minor}")
-    return ";".join(sorted(archs))
+    """The visible GPUs' architectures, e.g. "9.0" on an H200 (used when TORCH_CUDA_ARCH_LIST is unset)."""
+    return ";".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                            for i in range(torch.cuda.device_count())}))
 
 
 def cuda_toolkit() -> str | None:
@@ -305,15 +302,31 @@ def cuda_toolkit() -> str | None:
     return next((str(c) for c in found), None)
 
 
+def builds_cuda_kernels() -> bool:
+    """Whether load_extension builds the .cu kernels: a CUDA toolkit is found and either a GPU is
+    visible (kernels for its architecture) or TORCH_CUDA_ARCH_LIST names the architectures (how CI
+    compile-checks them without a GPU). On a GPU-less machine they took minutes and never ran."""
+    return cuda_toolkit() is not None and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST")))
+
+
+# A load still running after this is compiling: a cached load took 0.4-0.6 s, a CPU-only build
+# 190-220 s (2 busy cores, load average 11).
+BUILD_NOTICE_AFTER_S = 2.0
+
+
 def load_extension(verbose: bool = False) -> None:
     """JIT-build (ninja, cached, rebuilt when a source changes) and load the csrc/ extension.
 
-    CUDA kernels are built where torch is a CUDA build and a CUDA toolkit is found, CPU kernels
-    alone otherwise. Raises RuntimeError with the compiler's message when the build fails.
+    CPU kernels always; CUDA kernels too where builds_cuda_kernels() says so. A load that is
+    compiling says so on stderr, once when it starts and once when it is done. Raises
+    RuntimeError with the compiler's message when the build fails.
     """
     if _EXTENSION.get("loaded"):
         return
-    toolkit = cuda_toolkit()
+    import threading
+    import time
+    with_cuda = builds_cuda_kernels()
+    toolkit = cuda_toolkit() if with_cuda else None
     if toolkit and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         # torch would take CUDA_HOME from the nvcc on the PATH, which may be a wrapper script
         # outside the toolkit (e.g. /usr/local/bin/nvcc -> headers looked for in /usr/local).
@@ -328,24 +341,44 @@ def load_extension(verbose: bool = False) -> None:
 
     src = Path(__file__).resolve().parent / "csrc"
     sources = sorted(str(p) for p in src.glob("*.cpp"))
-    with_cuda = toolkit is not None
     if with_cuda:
         sources += sorted(str(p) for p in src.glob("*.cu"))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_arch_list())
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
     if not sources:
         raise RuntimeError(f"no extension sources found in {src}")
     # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels would run on one thread.
     # The extension then shares torch's libgomp (same soname, already loaded), so one thread pool.
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    cpp_extension.load(
-        name="optimus_ext", sources=sources, is_python_module=False, verbose=verbose,
-        # -fno-trapping-math lets GCC vectorise loops with float selects (csrc/swiglu.cpp); the
-        # CUDA kernels pick their fast intrinsics by hand, so no --use_fast_math (it flushes
-        # subnormals to zero everywhere).
-        extra_cflags=["-O3", "-fno-trapping-math", *(["-DOPTIMUS_WITH_CUDA"] if with_cuda else []), *openmp],
-        extra_ldflags=openmp,
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-    )
+    kinds = "CPU and CUDA" if with_cuda else "CPU"
+    # Whether ninja will compile is known only to ninja (sources, flags, the cache): a load that
+    # outlasts BUILD_NOTICE_AFTER_S is compiling, so that is when the user hears of it.
+    noticed = threading.Event()
+
+    def notice() -> None:
+        print(f"building the optimus extension ({kinds} kernels; once, a minute or more)...", file=sys.stderr,
+              flush=True)
+        noticed.set()
+    timer = threading.Timer(BUILD_NOTICE_AFTER_S, notice)
+    timer.daemon = True
+    start = time.perf_counter()
+    timer.start()
+    try:
+        cpp_extension.load(
+            name="optimus_ext", sources=sources, is_python_module=False, verbose=verbose,
+            # -fno-trapping-math lets GCC vectorise loops with float selects (csrc/swiglu.cpp); the
+            # CUDA kernels pick their fast intrinsics by hand, so no --use_fast_math (it flushes
+            # subnormals to zero everywhere).
+            extra_cflags=["-O3", "-fno-trapping-math", *(["-DOPTIMUS_WITH_CUDA"] if with_cuda else []), *openmp],
+            extra_ldflags=openmp,
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+        )
+    finally:
+        timer.cancel()
+        timer.join()  # a notice being printed finishes before the outcome is told
+    if noticed.is_set():
+        print(f"built the optimus extension in {time.perf_counter() - start:.0f} s (cached for next time)",
+              file=sys.stderr, flush=True)
     _register_python_parts()
     _EXTENSION.update(loaded=True, cuda=with_cuda)
 

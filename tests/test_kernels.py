@@ -6,6 +6,7 @@ bfloat16 within 1e-2, float16 within 2e-3 (1 ulp is at most 7.8e-3 and 9.8e-4 re
 CUDA variant runs on a GPU and is skipped on CPU with the reason.
 """
 import math
+import time
 import zlib
 
 import pytest
@@ -37,12 +38,59 @@ def test_cpu_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"optimus::{op}", "CPU"), op
 
 
-def test_cuda_kernels_registered_when_toolkit_present():
-    if optimus.cuda_toolkit() is None:
-        pytest.skip("needs a CUDA build of torch and a CUDA toolkit (nvcc and headers); none here")
+def test_cuda_kernels_registered_when_they_are_built():
+    if not optimus.builds_cuda_kernels():
+        pytest.skip("CUDA kernels build with a CUDA toolkit and a visible GPU, or a toolkit and "
+                    "TORCH_CUDA_ARCH_LIST (.ci/run sets it); neither here")
     assert optimus.extension_status()[:2] == (True, True)
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"optimus::{op}", "CUDA"), op
+
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """load_extension as if for the first time, with cpp_extension.load replaced: (calls, set delay)."""
+    from torch.utils import cpp_extension
+    calls, delay = [], {"s": 0.0}
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        time.sleep(delay["s"])
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # load_extension may set it
+    monkeypatch.setattr(optimus, "_EXTENSION", {})
+    monkeypatch.setattr(optimus, "_register_python_parts", lambda: None)  # the real ops stay registered
+    monkeypatch.setattr(optimus, "BUILD_NOTICE_AFTER_S", 0.2)
+    return calls, delay
+
+
+def test_a_build_says_when_it_starts_and_ends_a_cached_load_says_nothing(fake_build, capsys):
+    calls, delay = fake_build
+    optimus.load_extension()
+    assert len(calls) == 1 and capsys.readouterr().err == ""  # quick: nothing was compiled
+    optimus._EXTENSION.clear()
+    delay["s"] = 1.0
+    optimus.load_extension()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("building the optimus extension (") and "once" in lines[0]
+    assert lines[1].startswith("built the optimus extension in ")
+
+
+def test_cuda_kernels_build_only_for_a_gpu_or_an_explicit_arch_list(fake_build, monkeypatch):
+    calls, _ = fake_build
+    monkeypatch.setattr(optimus, "cuda_toolkit", lambda: "/opt/some-cuda")
+    monkeypatch.setenv("CUDA_HOME", "/opt/some-cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert not optimus.builds_cuda_kernels()   # a toolkit but no GPU: sm_90 kernels would never run
+    optimus.load_extension()
+    assert not any(s.endswith(".cu") for s in calls[-1]["sources"]) and optimus._EXTENSION["cuda"] is False
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # how CI compile-checks the .cu files
+    optimus._EXTENSION.clear()
+    assert optimus.builds_cuda_kernels()
+    optimus.load_extension()
+    assert any(s.endswith(".cu") for s in calls[-1]["sources"]) and optimus._EXTENSION["cuda"] is True
+    assert "-DOPTIMUS_WITH_CUDA" in calls[-1]["extra_cflags"]
 
 
 # ----------------------------------------------------------------------------- swiglu
