@@ -358,7 +358,8 @@ def is_up_to_date(out: Path, sha256: str, settings: dict) -> dict | None:
 
 
 def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, train_val_split: float = 0.9,
-            seed: int = 1337, dataset_name: str = "databricks/databricks-dolly-15k", input_flag: str = "--input") -> dict:
+            seed: int = 1337, dataset_name: str = "databricks/databricks-dolly-15k",
+            input_flag: str = "--input") -> dict:
     """Turn `input_path` (None or '': download `dataset_name`) into out_dir's token files; return the meta.
     Messages name `input_flag` as the caller's flag for the input file."""
     if dataset_size < 0 or dataset_size == 1:

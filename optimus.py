@@ -880,6 +880,28 @@ def check_data_source(data_dir: Path, data_input: Path) -> None:
                     f"{data_dir} to replace them")
 
 
+# From about this size a model needs a GPU: the 141.7M base model took ~90 s per step (batch 8 x 512)
+# on a laptop CPU, so 15 minutes passed before its first progress line (issue 11).
+CPU_TOO_SLOW_PARAMS = 100e6
+
+
+def slow_device_note(num_params: int, device: torch.device) -> str | None:
+    """A warning for a model that will take hours on this device, or None."""
+    if device.type != "cpu" or num_params < CPU_TOO_SLOW_PARAMS:
+        return None
+    return (f"note: {num_params / 1e6:.1f}M parameters on a CPU take a minute or more per step, hours in all: "
+            f"train this model on a GPU, or try --preset tiny first")
+
+
+def loader_workers(requested: int, say: bool = True) -> int:
+    """num_workers, but at most one per CPU this process may use (torch warns twice beyond that);
+    `say`: print a note when it was lowered."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > available and say:
+        print(f"note: num_workers {requested} is more than the {available} CPUs here: using {available}")
+    return min(requested, available)
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -1121,7 +1143,9 @@ class Trainer:
             print(f"training {self.model.num_params() / 1e6:.1f}M parameters on {self.rt.device} "
                   f"({self.rt.dtype}, kernels: {self.impl}) for {self.total_steps} steps from step {self.step}; "
                   f"logs in {self.log.path.parent}")
-        batches = iter(train_loader(self.windows, self.step, self.total_steps, cfg.num_workers,
+            if note := slow_device_note(self.model.num_params(), self.rt.device):
+                print(note)
+        batches = iter(train_loader(self.windows, self.step, self.total_steps, loader_workers(cfg.num_workers, main),
                                     pin=self.rt.device.type == "cuda"))
         previous_handler = signal.signal(signal.SIGINT, self.request_stop)
         summary = {"train_loss": float("nan"), "val_loss": float("nan")}
@@ -1133,7 +1157,13 @@ class Trainer:
                 loss = self.train_step(batches)
                 self.step += 1
                 last = self.step == self.total_steps
-                if self.step % cfg.log_interval == 0 or last:
+                logged = self.step % cfg.log_interval == 0 or last
+                if main and self.step == first_step + 1 and not logged:  # a word before log_interval steps
+                    took = time.perf_counter() - start
+                    eta = format_duration(took * (self.total_steps - self.step))
+                    print(f"step {self.step}/{self.total_steps} | loss {float(loss):.4f} | first step {took:.1f} s "
+                          f"(warm-up included) | eta at most {eta}", flush=True)
+                if logged:
                     train_loss = float(self.dist.all_reduce(loss.clone()) / self.dist.world)
                     self.check_finite()
                     now = time.perf_counter()

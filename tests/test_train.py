@@ -186,6 +186,9 @@ def test_cli_prepares_data_then_trains(tmp_path):
                      "--data_input", str(source), "--data_dir", str(tmp_path / "tokens"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "preparing them first" in result.stdout and "step 3/3" in result.stdout
+    # The first step is reported as soon as it ends (log_interval is 5), with a rough estimate.
+    assert "step 1/3 | loss " in result.stdout and "eta at most" in result.stdout
+    assert result.stdout.index("step 1/3") < result.stdout.index("step 3/3")
     assert (tmp_path / "checkpoints" / "latest.pt").is_file()
     assert (tmp_path / "tokens" / "meta.json").is_file()
 
@@ -269,3 +272,20 @@ def test_failed_download_names_trains_flag(tmp_path, monkeypatch):
     cfg = optimus.TrainingConfig(data_dir=str(tmp_path / "data" / "dolly"))
     with pytest.raises(optimus.UserError, match="pass it with --data_input FILE"):
         optimus.ensure_token_files(cfg, optimus.DistEnv())
+
+
+def test_a_model_too_big_for_the_cpu_is_announced():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    note = optimus.slow_device_note(141_700_000, cpu)  # the base model (README: 141.7M parameters)
+    assert note.startswith("note: 141.7M parameters on a CPU") and "GPU" in note and "--preset tiny" in note
+    assert optimus.slow_device_note(141_700_000, cuda) is None
+    tiny_cfg, _ = optimus.make_configs("tiny")
+    assert optimus.slow_device_note(optimus.Transformer(tiny_cfg).num_params(), cpu) is None
+
+
+def test_more_workers_than_cpus_are_lowered_with_one_note(monkeypatch, capsys):
+    monkeypatch.setattr(optimus.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert optimus.loader_workers(4) == 2
+    assert capsys.readouterr().out == "note: num_workers 4 is more than the 2 CPUs here: using 2\n"
+    assert (optimus.loader_workers(2), optimus.loader_workers(0), optimus.loader_workers(4, say=False)) == (2, 0, 2)
+    assert capsys.readouterr().out == ""
