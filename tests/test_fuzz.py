@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT  # first: run as a script, this puts the checkout's optimus on sys.path
 import data_prep
 import optimus
-from conftest import ROOT
 
 RUNS = int(os.environ.get("OPTIMUS_FUZZ_RUNS", "40"))  # CI-sized; the README's larger run uses 400
 SEED = int(os.environ.get("OPTIMUS_FUZZ_SEED", "0"))
@@ -182,7 +182,7 @@ def sample_flags(w: Path) -> dict:
         "top_p": (["0.5", "1"], ["0", "1.5", "nan"], []),
         "top_k": (["0", "5"], ["-1", "x"], []),
         "max_new_tokens": (["1", "8"], ["0", "-1", "128", "x"], []),
-        "seed": (["0", "5"], ["x"], ["-1", str(2**64)]),
+        "seed": (["0", "5"], ["x"], ["-1"]),
         "device": (["cpu"], ["cpu:3", "tpu"], []),
         "impl": (["ref"], ["bogus"], []),
     }
@@ -351,6 +351,14 @@ def test_subprocess_errors_are_one_line(world, tmp_path, args, needle):
     args = [str(world / "ckpt") if a == "CKPT" else a for a in args]
     one_error(run_cli(*args, cwd=tmp_path), needle)
     assert list(tmp_path.iterdir()) == []  # a refused run writes nothing
+
+
+@pytest.mark.xfail(strict=True, reason="cmd_sample (issue 11's CLI) hands --seed to torch.Generator unchecked: "
+                                       "ValueError: Overflow when unpacking long long")
+def test_sample_seed_beyond_64_bits_is_one_line(world, tmp_path):
+    code, _, err, escaped = run_inprocess(["sample", "--ckpt", str(world / "ckpt"), "--prompt", "hi", "--impl", "ref",
+                                           "--seed", str(2**64)], tmp_path)
+    assert escaped is None and code == 2 and err.count("error:") == 1, (escaped, err)
 
 
 # ----------------------------------------------------------------------------- config values
