@@ -403,10 +403,14 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
     url = None
     if input_path:
         path = Path(input_path)
-        if not path.is_file():
-            what = ("is a directory" if path.is_dir() else "is not a regular file (a device or a pipe)"
-                    if path.exists() else "does not exist")
-            raise DataError(f"input file {path} {what}: pass the path of a data file to --input")
+        try:
+            is_file = path.is_file()
+            what = "is a directory" if path.is_dir() else "is not a regular file (a device or a pipe)" \
+                if path.exists() else "does not exist"
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            is_file, what = False, f"cannot be used ({getattr(exc, 'strerror', None) or exc})"
+        if not is_file:
+            raise DataError(f"input file {str(path)[:200]} {what}: pass the path of a data file to --input")
     else:
         url = dataset_url(dataset_name)
         path = download(url, out.parent / url.rsplit("/", 1)[1])

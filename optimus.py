@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -671,6 +672,13 @@ def save_checkpoint(path: Path, model: Transformer, train_cfg: TrainingConfig, *
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or in a directory its best.pt, else its latest.pt."""
     path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass  # said below
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a file where a directory should be
+        raise UserError(f"cannot use --ckpt {str(path)[:200]} ({getattr(exc, 'strerror', None) or exc}): "
+                        f"pass the path of a checkpoint file or directory") from None
     if path.is_dir():
         for name in ("best.pt", "latest.pt"):
             if (path / name).is_file():
@@ -1101,6 +1109,12 @@ class Trainer:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             names = itertools.chain([stamp], (f"{stamp}-{i}" for i in itertools.count(2)))
             self.run_name = next(n for n in names if not (Path(cfg.tensorboard_dir) / n / "metrics.jsonl").exists())
+        if self.dist.is_main:  # a checkpoint_dir that cannot be made fails now, not at the first save
+            try:
+                Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create --checkpoint_dir {cfg.checkpoint_dir} ({exc.strerror or exc}): "
+                                f"pass another --checkpoint_dir") from None
         # Resuming into the checkpoint's own run directory continues its logs after the resumed step.
         resume_step = self.step if cfg.resume and self.run_name == self.resumed_run else None
         self.log = RunLog(Path(cfg.tensorboard_dir) / self.run_name, self.run_record(), self.dist.is_main,
@@ -1856,7 +1870,18 @@ def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
 
 def check_export_dir(out: Path, ckpt: Path, force: bool) -> None:
     """Refuse an --out that would lose data: a file, another project's files, the checkpoint itself."""
-    if not out.exists():
+    try:
+        exists = out.exists()
+        if len(os.fsencode(out.name)) > 200:  # its staging sibling's name adds ~30 characters
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        ancestor = out.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OSError(errno.ENOTDIR, f"{ancestor} is a file")
+    except OSError as exc:  # a name too long, a parent that is a file
+        raise UserError(f"cannot use --out {str(out)[:200]} ({exc.strerror or exc}): choose another --out") from None
+    if not exists:
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a directory: choose another --out")
@@ -1889,6 +1914,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Pat
         raise UserError('export needs the safetensors package: pip install -e ".[hf]"') from None
     # Resolved: the staging sibling must sit beside the directory, not in it ("." or ".."), and a
     # symlinked --out has its target replaced, so the link keeps pointing at the new export.
+    if "\0" in str(out_dir):
+        raise UserError("--out holds a NUL byte: choose another --out")
     out = Path(os.path.realpath(out_dir))
     ckpt_path = find_checkpoint(ckpt)
     check_export_dir(out, ckpt_path, force)  # before loading: a large checkpoint takes a while

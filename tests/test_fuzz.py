@@ -162,8 +162,8 @@ def train_flags(w: Path) -> dict:
         "device": (["cpu"], ["cpu:3", "cuda:99", "tpu", ""], []),
         "impl": (["ref"], ["bogus", ""], []),
         "run_name": (["r1", "fz"], ["../escape", "a/b", "..", "x" * 300], []),
-        "checkpoint_dir": (["ck", "ck2/sub"], ["", "y" * 300], []),
-        "tensorboard_dir": (["tb"], ["", "z/" + "z" * 300], []),
+        "checkpoint_dir": (["ck", "ck2/sub"], ["", "y" * 300, "afile/ck"], []),
+        "tensorboard_dir": (["tb"], ["", "z/" + "z" * 300, "afile/tb"], []),
         "train_val_split": (["0.5", "0.9"], ["0", "1", "nan", "-0.5"], []),
         "dataset_size": (["0", "50"], ["1", "-1"], []),
         "resume": (["false"], ["maybe"], ["true"]),
@@ -175,7 +175,7 @@ def sample_flags(w: Path) -> dict:
     ckpt = w / "ckpt" / "latest.pt"
     return {
         "ckpt": ([str(ckpt), str(w / "ckpt")], [str(w / "missing.pt"), str(w / "garbage.pt"), str(w / "emptydir"),
-                                                str(w / "dolly.jsonl")], []),
+                                                str(w / "dolly.jsonl"), "c" * 300, str(w / "garbage.pt" / "x")], []),
         "prompt": (["hi", "", " ", "é" * 50, "\x00", " ".join(WORDS * 30), "<|endoftext|>"], [], []),
         "raw": (["true", "false"], ["maybe"], []),
         "temperature": (["0", "0.8", "1.5"], ["-1", "nan", "x"], []),
@@ -191,7 +191,7 @@ def sample_flags(w: Path) -> dict:
 def export_flags(w: Path) -> dict:
     return {
         "ckpt": ([str(w / "ckpt")], [str(w / "missing.pt"), str(w / "garbage.pt")], []),
-        "out": (["hf", "nested/hf"], ["", "userfiles", "afile"], []),
+        "out": (["hf", "nested/hf"], ["", "userfiles", "afile", "afile/hf", "o" * 300], []),
         "force": (["true", "false"], ["maybe"], []),
     }
 
@@ -199,7 +199,7 @@ def export_flags(w: Path) -> dict:
 def data_prep_flags(w: Path) -> dict:
     return {
         "input": ([str(w / "dolly.jsonl"), str(w / "plain.txt"), str(w / "text.jsonl"), str(w / "deep.jsonl")],
-                  [str(w / "missing.jsonl"), str(w / "emptydir"), "/dev/null", str(w / "empty.jsonl")], []),
+                  [str(w / "missing.jsonl"), str(w / "emptydir"), "/dev/null", str(w / "empty.jsonl"), "i" * 300], []),
         "dataset_size": (["0", "10"], ["1", "-3", "x"], []),
         "train_val_split": (["0.5", "0.9"], ["0", "1", "nan", "x"], []),
         "seed": (["1", "-7"], ["x"], []),
