@@ -62,6 +62,8 @@ import json
 import os
 import random
 import re
+import shutil
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -144,7 +146,8 @@ def download(url: str, dest: Path, input_flag: str = "--input") -> Path:
     if dest.is_file():
         print(f"using {dest} (downloaded before)")
         return dest
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
+    remove_leftovers(dest, kinds=("part",))
+    tmp = temporary_path(dest, "part")
     done = 0
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
@@ -212,6 +215,9 @@ def parse_jsonl(data: bytes) -> tuple[str | None, list[dict], list[tuple[int, st
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             skipped.append((lineno, f"malformed JSON: {exc.msg}"))
+            continue
+        except RecursionError:  # e.g. '[' x 200,000: deeper than the parser's recursion limit
+            skipped.append((lineno, "malformed JSON: nested too deeply"))
             continue
         if not isinstance(record, dict):
             skipped.append((lineno, "not a JSON object"))
@@ -299,11 +305,53 @@ def build_text(path: Path, data: bytes, enc: tiktoken.Encoding,
 # ----------------------------------------------------------------------------- output
 
 
+def temporary_path(path: Path, kind: str = "tmp") -> Path:
+    """The hidden sibling where this process stages `path`: `.NAME.KIND<pid>@<host>`, so a later run
+    can tell a killed writer's leftover (its process gone) from a live writer's file."""
+    return path.with_name(f".{path.name}.{kind}{os.getpid()}@{socket.gethostname()}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
+    return True
+
+
+def remove_leftovers(path: Path, kinds: tuple[str, ...] = ("tmp",)) -> None:
+    """Delete the temporaries of `path` (see temporary_path) whose writer on this host is gone,
+    and say so: a killed run would otherwise leave them forever (a checkpoint's size each).
+    Names without a host are from before hosts were recorded, and count as this host's."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{'|'.join(kinds)})(\d+)(?:@(.+))?")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # no directory yet: nothing left over
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or match[2] not in (None, socket.gethostname()) or process_alive(int(match[1])):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        print(f"removed {entry}: left behind by process {match[1]}, which is gone", file=sys.stderr)
+
+
 def atomic_write(path: Path, write) -> None:
     """Run write(tmp_path), fsync, then rename over `path`: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -368,11 +416,19 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
     if not 0.0 < train_val_split < 1.0:
         raise DataError(f"train_val_split {train_val_split} is invalid: use a fraction between 0 and 1, e.g. 0.9")
     out = Path(out_dir)
+    for name in ("train.bin", "val.bin", "meta.json"):  # a killed run's temporary files
+        remove_leftovers(out / name)
     url = None
     if input_path:
         path = Path(input_path)
-        if not path.is_file():
-            raise DataError(f"input file {path} does not exist: check the path given to {input_flag}")
+        try:
+            is_file = path.is_file()
+            what = "is a directory" if path.is_dir() else "is not a regular file (a device or a pipe)" \
+                if path.exists() else "does not exist"
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            is_file, what = False, f"cannot be used ({getattr(exc, 'strerror', None) or exc})"
+        if not is_file:
+            raise DataError(f"input file {str(path)[:200]} {what}: pass the path of a data file to {input_flag}")
     else:
         url = dataset_url(dataset_name)
         path = download(url, out.parent / url.rsplit("/", 1)[1], input_flag)

@@ -13,14 +13,17 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import json
 import math
 import os
 import shutil
+import string
 import sys
 import typing
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import data_prep
-from data_prep import atomic_write
+from data_prep import atomic_write, remove_leftovers, temporary_path
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: separates documents, ends every answer
 
@@ -45,6 +48,42 @@ class UserError(Exception):
 def cfg_field(default, help: str):
     """A dataclass field with its help text (shown by `--help`)."""
     return field(default=default, metadata={"help": help})
+
+
+# Bounds for the checks below: no sequence, vocabulary or batch is longer than an int64 index can
+# count, no run takes more steps than a machine could make in years, no host runs more loaders.
+MAX_INDEX = 2**62
+MAX_STEPS = 10**12
+MAX_WORKERS = 256
+
+
+def positive(value) -> bool:
+    return 0 < value <= MAX_INDEX
+
+
+def usable_path(text: str) -> bool:
+    """Non-empty, no NUL byte, each part and the whole within the OS's limits (ENAMETOOLONG)."""
+    if not text or "\0" in text or len(os.fsencode(text)) >= 4096:
+        return False
+    return all(len(os.fsencode(part)) <= 255 for part in Path(text).parts)
+
+
+def check_fields(cfg, title: str, rules: dict[str, tuple[typing.Callable, str]]) -> None:
+    """Raise one UserError naming the first field of dataclass `cfg` with the wrong type, a
+    non-finite number or a value its rule refuses. Values reach here from the CLI, the presets,
+    Python callers and a checkpoint's stored config, so each is checked whatever its source."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, typ = getattr(cfg, f.name), hints[f.name]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        type_ok = is_number if typ is float else isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+        if not type_ok:
+            kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+            raise UserError(f"invalid {title}: {f.name} must be {kind}, got {value!r}")
+        if typ is float and not math.isfinite(value):
+            raise UserError(f"invalid {title}: {f.name} must be a finite number, got {value!r}")
+        if f.name in rules and not rules[f.name][0](value):
+            raise UserError(f"invalid {title}: {f.name} must be {rules[f.name][1]}, got {value!r}")
 
 
 @dataclass
@@ -65,14 +104,21 @@ class ModelConfig:
     impl: str = cfg_field("auto", "fused kernels: auto (extension if it builds) | ext | ref (pure PyTorch)")
 
     def __post_init__(self):
+        check_fields(self, "model config", {
+            "vocab_size": (lambda v: 0 < v <= MAX_INDEX, "positive"), "dim": (positive, "positive"),
+            "depth": (positive, "positive"), "num_heads": (positive, "positive"),
+            "num_kv_heads": (positive, "positive"), "max_seq_len": (lambda v: 2 <= v <= MAX_INDEX, "at least 2"),
+            "rope_theta": (lambda v: v > 0, "positive"), "norm_eps": (lambda v: v > 0, "positive"),
+            "hidden_dim": (lambda v: 0 <= v <= MAX_INDEX, "0 (derived) or positive"),
+            "multiple_of": (positive, "positive"), "vocab_multiple": (positive, "positive"),
+            "impl": (lambda v: v in ("auto", "ext", "ref"), "auto, ext or ref"),
+        })
         if self.hidden_dim == 0:
             self.hidden_dim = -(-int(8 * self.dim / 3) // self.multiple_of) * self.multiple_of
         checks = [
             (self.dim % self.num_heads == 0, "dim must be a multiple of num_heads"),
             (self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
             ((self.dim // self.num_heads) % 2 == 0, "head dim (dim / num_heads) must be even for rotary"),
-            (self.impl in ("auto", "ext", "ref"), "impl must be auto, ext or ref"),
-            (self.vocab_size > 0 and self.max_seq_len > 0, "vocab_size and max_seq_len must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -120,17 +166,31 @@ class TrainingConfig:
     run_name: str = cfg_field("", "run directory name under tensorboard_dir ('' : a timestamp)")
 
     def __post_init__(self):
-        checks = [
-            (self.batch_size > 0 and self.max_length > 1, "batch_size and max_length must be positive"),
-            (0.0 < self.train_val_split < 1.0, "train_val_split must be between 0 and 1"),
-            (self.compile in ("auto", "true", "false"), "compile must be auto, true or false"),
-            (self.micro_batch_size >= 0, "micro_batch_size must be 0 (auto) or positive"),
-            (min(self.eval_interval, self.checkpoint_interval, self.log_interval) > 0,
-             "eval_interval, checkpoint_interval and log_interval must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"invalid training config: {message}")
+        counts = (lambda v: 0 <= v <= MAX_STEPS, "0 or positive")
+        check_fields(self, "training config", {
+            "batch_size": (positive, "positive"), "max_length": (lambda v: 1 < v <= MAX_INDEX, "at least 2"),
+            "learning_rate": (lambda v: v > 0, "positive"), "weight_decay": (lambda v: v >= 0, "0 or positive"),
+            "num_epochs": (lambda v: 0 < v <= MAX_STEPS, "positive"),
+            "train_val_split": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+            "gradient_clip_val": (lambda v: v >= 0, "0 (off) or positive"),
+            "dataset_size": (lambda v: v == 0 or 2 <= v <= MAX_INDEX, "0 (all) or at least 2"),
+            "num_workers": (lambda v: 0 <= v <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}"),
+            "checkpoint_dir": (usable_path, "a usable directory path"),
+            "tensorboard_dir": (usable_path, "a usable directory path"),
+            "data_dir": (usable_path, "a usable directory path"),
+            "data_input": (lambda v: v == "" or usable_path(v), "'' or a usable file path"),
+            "max_steps": counts, "warmup_steps": counts,
+            "min_lr_ratio": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+            "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "micro_batch_size": (lambda v: 0 <= v <= MAX_INDEX, "0 (auto) or positive"),
+            "eval_interval": (positive, "positive"), "eval_batches": (positive, "positive"),
+            "checkpoint_interval": (positive, "positive"), "log_interval": (positive, "positive"),
+            "compile": (lambda v: v in ("auto", "true", "false"), "auto, true or false"),
+            "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+            # One directory under tensorboard_dir: a '/' or '..' would write outside it.
+            "run_name": (lambda v: v == "" or (usable_path(v) and "/" not in v and v not in (".", "..")),
+                         "a plain directory name (no '/')"),
+        })
 
 
 # Named presets: field overrides for either config. `base` is the product's default model.
@@ -185,12 +245,17 @@ def resolve_runtime(device: str = "auto") -> Runtime:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device '{device}' asked for but CUDA is not available: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} "
+                            f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Runtime(dev, dtype)
     if dev.type != "cpu":
         raise UserError(f"device '{device}' is not supported: use auto, cpu, cuda or cuda:N")
+    if dev.index not in (None, 0):  # torch accepts "cpu:3", but tensors cannot be put there
+        raise UserError(f"device '{device}' does not exist: the CPU is one device, use --device cpu")
     return Runtime(dev, torch.float32)
 
 
@@ -515,11 +580,32 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x), impl)
 
 
+def model_bytes(cfg: ModelConfig) -> int:
+    """float32 bytes of the weights, the rotary tables and one sequence's KV cache."""
+    hd = cfg.head_dim
+    block = cfg.dim * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim
+    weights = cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.depth * block + cfg.dim
+    return 4 * (weights + cfg.max_seq_len * hd * (1 + 2 * cfg.depth * cfg.num_kv_heads))
+
+
+def check_memory(cfg: ModelConfig, copies: int) -> None:
+    """Refuse, before allocating, a model whose `copies` float32 copies (weights; training adds
+    gradients and AdamW's two moments) exceed this machine's memory: the allocation would fail with
+    a traceback, or succeed lazily on Linux and end in the out-of-memory killer."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = copies * model_bytes(cfg)
+    if need > total:
+        raise UserError(f"this model needs {need / 2**30:,.1f} GiB ({copies} float32 cop{'y' if copies == 1 else 'ies'} "
+                        f"of its weights and tables), more than this machine's {total / 2**30:,.1f} GiB: "
+                        f"lower --dim, --depth, --hidden_dim, --vocab_size or --max_seq_len")
+
+
 class Transformer(nn.Module):
     """Llama-style decoder: embedding -> pre-norm blocks -> final RMSNorm -> LM head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_memory(cfg, copies=1)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -565,6 +651,9 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, pos=None, caches=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim). With `caches`, tokens sit at `pos` (B, T)."""
+        if tokens.shape[-1] > self.cfg.max_seq_len:  # the rotary tables and the cache end there
+            raise ValueError(f"{tokens.shape[-1]} tokens are more than the model's max_seq_len "
+                             f"{self.cfg.max_seq_len}: feed at most that many")
         impl = self.kernels(tokens.device, self.training and torch.is_grad_enabled())
         x = self.tok_emb(tokens)                                              # (B, T, dim)
         mask = None
@@ -608,12 +697,24 @@ def save_checkpoint(path: Path, model: Transformer, train_cfg: TrainingConfig, *
         "template": template,
         **(extra or {}),
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot write checkpoint {path} ({first}): free some disk space or pass "
+                        f"another --checkpoint_dir; the previous {path.name} is unchanged") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or in a directory its best.pt, else its latest.pt."""
     path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass  # said below
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a file where a directory should be
+        raise UserError(f"cannot use --ckpt {str(path)[:200]} ({getattr(exc, 'strerror', None) or exc}): "
+                        f"pass the path of a checkpoint file or directory") from None
     if path.is_dir():
         for name in ("best.pt", "latest.pt"):
             if (path / name).is_file():
@@ -624,17 +725,58 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def template_problem(template) -> str | None:
+    """Why a checkpoint's prompt template cannot format a prompt, or None when it can (or is None)."""
+    if template is None:
+        return None
+    if not isinstance(template, dict):
+        return f"is a {type(template).__name__}, not a dict"
+    for key, allowed in (("prompt", {"instruction"}), ("prompt_with_context", {"instruction", "context"})):
+        text = template.get(key)
+        if not isinstance(text, str):
+            return f"has no string '{key}'"
+        try:
+            parts = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            return f"'{key}' is not a format string ({exc})"
+        for _, name, spec, conversion in parts:
+            if name is not None and (name not in allowed or spec or conversion):
+                return f"'{key}' holds the placeholder {{{name}}}; it may use {' and '.join(sorted(allowed))} only"
+    return None
+
+
 def read_checkpoint(path: Path, device: str | torch.device) -> dict:
     """The checkpoint dict of file `path`, weights on `device`. Errors name the file and the fix."""
+    corrupt = f"checkpoint {path} is corrupt or not an Optimus checkpoint"
+    try:
+        # torch.load does not check the zip's CRC-32s: flipped bytes inside a tensor load as wrong
+        # weights. testzip reads every member and checks its CRC (0.5 s for a 577 MB checkpoint
+        # with the file in the page cache, about as long as torch.load itself).
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as exc:  # not a zip, a truncated one, unreadable: all one message
+        raise UserError(f"{corrupt} ({type(exc).__name__}): re-create it or pass another --ckpt") from None
+    if damaged is not None:
+        raise UserError(f"{corrupt} ({damaged} fails its CRC check: the bytes changed after it was "
+                        f"written): re-create it or pass another --ckpt") from None
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, foreign formats: all one message
-        raise UserError(f"checkpoint {path} is corrupt or not an Optimus checkpoint "
-                        f"({type(exc).__name__}): re-create it or pass another --ckpt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
-        found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"checkpoint {path} has format version {found}, this code reads "
-                        f"{CHECKPOINT_VERSION}: re-create it with this version")
+    except Exception as exc:  # pickle errors, foreign formats: all one message
+        raise UserError(f"{corrupt} ({type(exc).__name__}): re-create it or pass another --ckpt") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{corrupt} (it holds a {type(ckpt).__name__}, not a dict): pass another --ckpt")
+    version = ckpt.get("format_version")
+    if type(version) is not int or version != CHECKPOINT_VERSION:
+        found = f"format_version {version!r}" if "format_version" in ckpt else "no format_version"
+        raise UserError(f"checkpoint {path} has {found}, this code reads format_version "
+                        f"{CHECKPOINT_VERSION!r}: re-create it with this version")
+    for key in ("model", "model_config"):
+        if not isinstance(ckpt.get(key), dict):
+            raise UserError(f"checkpoint {path} has no '{key}' dict: it is not a complete Optimus "
+                            f"checkpoint; re-create it with train")
+    if problem := template_problem(ckpt.get("template")):
+        raise UserError(f"checkpoint {path}: its prompt template {problem}: re-create the checkpoint "
+                        f"with train, or pass another --ckpt")
     return ckpt
 
 
@@ -645,10 +787,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError, UserError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, UserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"checkpoint {path} does not match this model code ({first}): "
                         f"re-create it with this version") from None
+    # Training never saves non-finite weights (check_finite): such values were written by hand.
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        raise UserError(f"checkpoint {path} holds non-finite weights (in {', '.join(broken[:3])}): "
+                        f"pass another --ckpt")
     return model.to(device).eval(), ckpt
 
 
@@ -663,6 +810,46 @@ def read_tokens(path: Path):
     """A read-only memory map of a token file (little-endian uint16)."""
     import numpy as np
     return np.memmap(path, dtype="<u2", mode="r")
+
+
+SCAN_CHUNK = 1 << 24  # tokens per chunk of the id scan: 32 MiB at a time, whatever the file's size
+
+
+def check_token_files(data_dir: Path, meta: dict, vocab_size: int) -> None:
+    """Refuse, before step 1, token files that would fail or train wrongly later: meta.json fields
+    missing or of the wrong type, a file missing, empty, of odd size or of another size than
+    meta.json counts (cut short, or not the files it describes), ids the model has no row for."""
+    meta_path = data_dir / "meta.json"
+    redo = f"re-create them with python data_prep.py --out_dir {data_dir}"
+    data_vocab, counts = meta.get("vocab_size"), meta.get("counts")
+    if type(data_vocab) is not int or data_vocab < 1:
+        raise UserError(f"{meta_path} has no positive integer vocab_size (found {data_vocab!r}): {redo}")
+    if data_vocab > vocab_size:
+        raise UserError(f"the data's vocabulary ({data_vocab}, {meta_path}) is larger than the model's "
+                        f"vocab_size ({vocab_size}): raise --vocab_size")
+    if meta.get("dtype", "uint16-le") != "uint16-le":
+        raise UserError(f"{meta_path} says the tokens are {meta.get('dtype')!r}; this code reads uint16-le: {redo}")
+    for split in ("train", "val"):
+        path, key = data_dir / f"{split}.bin", f"tokens_{split}"
+        count = counts.get(key) if isinstance(counts, dict) else None
+        if type(count) is not int or count < 0:
+            raise UserError(f"{meta_path} has no integer counts.{key} (found {count!r}): {redo}")
+        if not path.is_file():
+            raise UserError(f"{path} is missing or not a file: {redo}")
+        size = path.stat().st_size
+        if size == 0 or size % 2:
+            raise UserError(f"{path} is {'empty' if size == 0 else f'{size} bytes, an odd size'}: token files "
+                            f"hold 2-byte ids, so it was cut short or is not a token file: {redo}")
+        if size != 2 * count:
+            raise UserError(f"{path} holds {size // 2:,} tokens but {meta_path} counts {count:,}: one of them was "
+                            f"cut short or replaced: {redo}")
+        tokens = read_tokens(path)
+        for start in range(0, len(tokens), SCAN_CHUNK):
+            chunk = tokens[start: start + SCAN_CHUNK]
+            if int(chunk.max()) >= vocab_size:
+                where = start + int((chunk >= vocab_size).argmax())
+                raise UserError(f"{path} holds token id {int(chunk[where - start])} at position {where:,}, "
+                                f"outside the model's vocab_size {vocab_size}: {redo}, or raise --vocab_size")
 
 
 class TrainWindows(torch.utils.data.Dataset):
@@ -808,20 +995,44 @@ def git_commit() -> str:
 
 
 class RunLog:
-    """runs/<run>/: config.json (what reproduces the run) and metrics.jsonl; TensorBoard if installed."""
+    """runs/<run>/: config.json (what reproduces the run) and metrics.jsonl; TensorBoard if installed.
 
-    def __init__(self, run_dir: Path, record: dict, enabled: bool):
+    A new run never writes into a directory that holds a run's metrics; a resumed run (`resume_step`)
+    drops what was logged after that step, so the steps it runs again are logged once."""
+
+    def __init__(self, run_dir: Path, record: dict, enabled: bool, resume_step: int | None = None):
         self.enabled, self.writer, self.path = enabled, None, run_dir / "metrics.jsonl"
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+        if resume_step is None and self.path.exists():
+            raise UserError(f"{run_dir} already holds a run's metrics.jsonl: pass another --run_name, or "
+                            f"--resume to continue that run")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "metrics.jsonl"):
+                remove_leftovers(run_dir / name)
+            if resume_step is not None and self.path.exists():
+                self.drop_after(resume_step)
+            atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+        except OSError as exc:
+            raise UserError(f"cannot write the run log in {run_dir} ({exc.strerror or exc}): "
+                            f"pass another --tensorboard_dir") from None
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir))
+            # purge_step: TensorBoard hides the events a killed run wrote after the resumed step.
+            self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
         except ImportError:
             print("tensorboard is not installed: logging to metrics.jsonl only "
                   "(pip install -e \".[tensorboard]\" for TensorBoard)")
+
+    def drop_after(self, step: int) -> None:
+        """Keep the lines up to `step` (and none cut short by a kill)."""
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(kept)))
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
@@ -911,6 +1122,23 @@ def format_duration(seconds: float) -> str:
 DATA_ORDER_FIELDS = ("batch_size", "max_length", "seed", "data_dir")
 
 
+def model_flags(stored: dict) -> str:
+    """The shortest `--preset NAME --FIELD VALUE ...` that builds the model config `stored`."""
+    options = []
+    for preset in PRESETS:
+        base = dataclasses.asdict(make_configs(preset)[0])
+        flags = {k: v for k, v in stored.items() if k not in ("impl", "hidden_dim") and base.get(k) != v}
+        try:
+            rebuilt = make_configs(preset, **flags)[0]
+        except (UserError, TypeError):
+            continue
+        if rebuilt.hidden_dim != stored.get("hidden_dim"):  # derived from dim unless it was set
+            flags["hidden_dim"] = stored.get("hidden_dim")
+        text = " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items())
+        options.append((len(flags), f"--preset {preset} {text}".strip()))
+    return min(options)[1] if options else "the model flags of its model_config"
+
+
 class Trainer:
     """Single- or multi-process (torchrun) training of a Transformer on the token files."""
 
@@ -923,10 +1151,12 @@ class Trainer:
                             f"{model_cfg.max_seq_len}: lower --max_length or raise --max_seq_len")
         if cfg.batch_size % self.dist.world:
             raise UserError(f"batch_size {cfg.batch_size} must be a multiple of the {self.dist.world} ranks")
+        if self.dist.is_main:  # a killed run's temporary checkpoints (up to a checkpoint's size each)
+            for name in ("latest.pt", "best.pt"):
+                remove_leftovers(Path(cfg.checkpoint_dir) / name)
         self.meta = ensure_token_files(cfg, self.dist)
-        if self.meta["vocab_size"] > model_cfg.vocab_size:
-            raise UserError(f"the data's vocabulary ({self.meta['vocab_size']}) is larger than the model's "
-                            f"vocab_size ({model_cfg.vocab_size}): raise --vocab_size")
+        check_token_files(Path(cfg.data_dir), self.meta, model_cfg.vocab_size)
+        check_memory(model_cfg, copies=4)  # weights, gradients, AdamW's two moments
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(model_cfg).to(self.rt.device)
         self.impl = self.model.kernels(self.rt.device, training=True)
@@ -937,6 +1167,7 @@ class Trainer:
             lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.rt.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.needs_grad_scaler else None
         self.step, self.best_val, self.run_name = 0, float("inf"), cfg.run_name
+        self.resumed_total, self.resumed_run = 0, None  # the checkpoint's total steps and run name
         if cfg.resume:
             self.restore(Path(cfg.checkpoint_dir) / "latest.pt")
         self.micro_batch = self.find_micro_batch()
@@ -946,39 +1177,113 @@ class Trainer:
         if self.windows.num_windows < 1:
             raise UserError(f"{data_dir / 'train.bin'} is shorter than max_length + 1 tokens: "
                             f"lower --max_length or give more data")
+        if cfg.batch_size > self.windows.num_windows:  # each window at most once per batch
+            raise UserError(f"batch_size {cfg.batch_size} is more than the {self.windows.num_windows} windows of "
+                            f"max_length + 1 = {cfg.max_length + 1} tokens in {data_dir / 'train.bin'}: lower "
+                            f"--batch_size or --max_length, or give more data")
         self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * cfg.batch_size)
-        self.total_steps = cfg.max_steps or max(1, cfg.num_epochs * self.windows.num_windows // cfg.batch_size)
+        # A resumed run keeps its schedule's length unless --max_steps sets a new one.
+        self.total_steps = (cfg.max_steps or self.resumed_total
+                            or max(1, cfg.num_epochs * self.windows.num_windows // cfg.batch_size))
+        if cfg.resume:
+            self.check_steps_left()
         self.forward = self.wrap_model()
         self.stop_requested = False
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
-        if not self.run_name:
+        if not self.run_name:  # a timestamp; a second run started in the same second gets a suffix
+            import itertools
             import time
-            self.run_name = time.strftime("%Y%m%d-%H%M%S")
-        self.log = RunLog(Path(cfg.tensorboard_dir) / self.run_name, self.run_record(), self.dist.is_main)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            names = itertools.chain([stamp], (f"{stamp}-{i}" for i in itertools.count(2)))
+            self.run_name = next(n for n in names if not (Path(cfg.tensorboard_dir) / n / "metrics.jsonl").exists())
+        if self.dist.is_main:  # a checkpoint_dir that cannot be made fails now, not at the first save
+            try:
+                Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create --checkpoint_dir {cfg.checkpoint_dir} ({exc.strerror or exc}): "
+                                f"pass another --checkpoint_dir") from None
+        # Resuming into the checkpoint's own run directory continues its logs after the resumed step.
+        resume_step = self.step if cfg.resume and self.run_name == self.resumed_run else None
+        self.log = RunLog(Path(cfg.tensorboard_dir) / self.run_name, self.run_record(), self.dist.is_main,
+                          resume_step=resume_step)
 
     # -- setup
 
     def restore(self, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, step, best loss, RNG and run name."""
+        """Continue from a checkpoint: weights, optimizer, step, best loss, RNG, run name and total
+        steps, once it is known to be a complete checkpoint of this model and this data order."""
         if not path.is_file():
             raise UserError(f"--resume given but {path} does not exist: train without --resume first")
         ckpt = read_checkpoint(path, self.rt.device)
+        rng = ckpt.get("rng")
+        missing = [key for key, ok in (
+            ("optimizer", isinstance(ckpt.get("optimizer"), dict)),
+            ("training_config", isinstance(ckpt.get("training_config"), dict)),
+            ("step", type(ckpt.get("step")) is int and ckpt["step"] >= 0),
+            ("best_val_loss", type(ckpt.get("best_val_loss")) in (int, float)),
+            ("rng", isinstance(rng, dict) and isinstance(rng.get("cpu"), torch.Tensor)
+             and rng["cpu"].dtype == torch.uint8)) if not ok]
+        if missing:
+            raise UserError(f"{path} cannot be resumed: it has no valid {', '.join(missing)} (a latest.pt written "
+                            f"by train has them all): start a new run without --resume")
+        stored = ckpt["model_config"]
+        current = dataclasses.asdict(self.model.cfg)
         # impl only picks kernels: a run may resume with other ones.
-        if {**ckpt.get("model_config", {}), "impl": self.model.cfg.impl} != dataclasses.asdict(self.model.cfg):
-            raise UserError(f"{path} was trained with another model config: pass the same model flags to resume")
-        changed = [f for f in DATA_ORDER_FIELDS if ckpt["training_config"].get(f) != getattr(self.cfg, f)]
+        differing = [k for k in {**stored, **current} if k != "impl" and stored.get(k, "?") != current.get(k, "?")]
+        if differing:
+            was = ", ".join(f"{k} {stored.get(k, '(none)')}" for k in differing[:6])
+            now = ", ".join(f"{k} {current.get(k, '(none)')}" for k in differing[:6])
+            raise UserError(f"{path} was trained with another model config ({was}; this run: {now}): resume "
+                            f"with {model_flags(stored)}, or start a new run without --resume")
+        old_cfg = ckpt["training_config"]
+
+        def same(name: str) -> bool:
+            value, ours = old_cfg.get(name), getattr(self.cfg, name)
+            if name == "data_dir":  # the same directory, however it is spelled
+                return isinstance(value, str) and usable_path(value) and Path(value).resolve() == Path(ours).resolve()
+            return value == ours
+        changed = [name for name in DATA_ORDER_FIELDS if not same(name)]
         if changed:
-            raise UserError(f"{path} was trained with other {', '.join(changed)}: "
-                            f"resume with the same values, or start a new run without --resume")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step, self.best_val = ckpt["step"], ckpt["best_val_loss"]
-        self.run_name = self.run_name or ckpt.get("run_name", "")
-        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-        if self.rt.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.rt.device)
+            was = ", ".join(f"{name} {old_cfg.get(name)!r}" for name in changed)
+            flags = " ".join(f"--{name} {old_cfg.get(name)}" for name in changed)
+            raise UserError(f"{path} was trained with other {', '.join(changed)} ({was}): resume with the same "
+                            f"values ({flags}), or start a new run without --resume")
+        piece = "model"
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            piece = "optimizer"
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            for p, state in self.optimizer.state.items():  # load_state_dict checks no moment's shape
+                if any(isinstance(m, torch.Tensor) and m.dim() and m.shape != p.shape for m in state.values()):
+                    raise ValueError("a moment's shape differs from its parameter's")
+            piece = "rng"
+            torch.set_rng_state(rng["cpu"].cpu())
+            if self.rt.device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.rt.device)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path} cannot be resumed: its {piece} state does not fit this run ({first[:200]}): "
+                            f"start a new run without --resume") from None
+        self.step, self.best_val = ckpt["step"], float(ckpt["best_val_loss"])
+        # Checkpoints before total_steps was stored: their max_steps, when it was set.
+        total = ckpt.get("total_steps", old_cfg.get("max_steps"))
+        self.resumed_total = total if type(total) is int and total > 0 else 0
+        name = ckpt.get("run_name")
+        self.resumed_run = name if isinstance(name, str) and name and usable_path(name) and "/" not in name \
+            and name not in (".", "..") else None
+        self.run_name = self.run_name or self.resumed_run or ""
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}")
+
+    def check_steps_left(self) -> None:
+        """A resumed run must have steps left: say how to extend a finished one."""
+        ckpt = Path(self.cfg.checkpoint_dir) / "latest.pt"
+        if self.cfg.max_steps and self.cfg.max_steps <= self.step:
+            raise UserError(f"--max_steps {self.cfg.max_steps} is not beyond the step {self.step} of {ckpt}: "
+                            f"pass a larger --max_steps to train on")
+        if self.step >= self.total_steps:
+            raise UserError(f"{ckpt} is a finished run (step {self.step} of {self.total_steps}): pass --max_steps N "
+                            f"with N > {self.step} to train it further, or start a new run without --resume")
 
     def loss(self, forward, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy, in float32, of a (B, T + 1) batch of windows."""
@@ -1107,7 +1412,8 @@ class Trainer:
                    "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
             save_checkpoint(Path(self.cfg.checkpoint_dir) / name, self.model, self.cfg, step=self.step,
                             best_val_loss=self.best_val, template=self.meta.get("template"),
-                            optimizer=self.optimizer, extra={"rng": rng, "run_name": self.run_name})
+                            optimizer=self.optimizer,
+                            extra={"rng": rng, "run_name": self.run_name, "total_steps": self.total_steps})
         self.dist.barrier()
 
     def validate_and_save_best(self) -> float:
@@ -1331,8 +1637,8 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int)
     if not 0 < max_new_tokens < max_seq_len:
         raise ValueError(f"max_new_tokens must be between 1 and max_seq_len - 1 = {max_seq_len - 1}, "
                          f"got {max_new_tokens}")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    # An empty prompt starts from <|endoftext|>, the token every training document follows.
+    prompts = [p if len(p) else [EOT_ID] for p in prompts]
     keep = max_seq_len - max_new_tokens + 1  # the last new token is never fed back
     if any(len(p) > keep for p in prompts):
         warnings.warn(f"prompt longer than {keep} tokens (max_seq_len {max_seq_len} - max_new_tokens "
@@ -1404,6 +1710,9 @@ def inference_model(ckpt: str, device: str, impl: str) -> tuple[Transformer, dic
     """A checkpoint's model ready to generate: on `device`, eval mode, bf16/fp16 weights on CUDA."""
     rt = resolve_runtime(device)
     model, ckpt_dict = load_checkpoint(ckpt, rt.device)
+    if model.cfg.vocab_size < data_prep.VOCAB_SIZE:  # a prompt's GPT-2 ids would have no embedding row
+        raise UserError(f"{ckpt}: the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
+                        f"{data_prep.VOCAB_SIZE}, the tokenizer sample uses: pass another --ckpt")
     return ready_to_generate(model, rt, impl), ckpt_dict, rt
 
 
@@ -1727,7 +2036,18 @@ def gpt2_tokenizer_files(model_max_length: int) -> dict[str, object]:
 
 def check_export_dir(out: Path, ckpt: Path, force: bool) -> None:
     """Refuse an --out that would lose data: a file, another project's files, the checkpoint itself."""
-    if not out.exists():
+    try:
+        exists = out.exists()
+        if len(os.fsencode(out.name)) > 200:  # its staging sibling's name adds ~30 characters
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        ancestor = out.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OSError(errno.ENOTDIR, f"{ancestor} is a file")
+    except OSError as exc:  # a name too long, a parent that is a file
+        raise UserError(f"cannot use --out {str(out)[:200]} ({exc.strerror or exc}): choose another --out") from None
+    if not exists:
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a directory: choose another --out")
@@ -1739,6 +2059,11 @@ def check_export_dir(out: Path, ckpt: Path, force: bool) -> None:
     foreign = [name for name in entries if name not in HF_FILES]
     if foreign:  # --force deletes the old directory, so it must hold only a previous export
         raise UserError(f"{out} holds files that are not from an export ({', '.join(foreign[:3])}): "
+                        f"--force only replaces a previous export; choose another --out")
+    # An export writes plain files: a directory (or a link) under one of their names is the user's.
+    not_files = [name for name in entries if (out / name).is_symlink() or not (out / name).is_file()]
+    if not_files:
+        raise UserError(f"{out / not_files[0]} is not a file an export wrote (a directory or a link): "
                         f"--force only replaces a previous export; choose another --out")
 
 
@@ -1753,7 +2078,11 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Pat
         from safetensors.torch import save_file
     except ImportError:
         raise UserError('export needs the safetensors package: pip install -e ".[hf]"') from None
-    out = Path(os.path.abspath(out_dir))  # "." or "..": the staging sibling must sit beside it, not in it
+    # Resolved: the staging sibling must sit beside the directory, not in it ("." or ".."), and a
+    # symlinked --out has its target replaced, so the link keeps pointing at the new export.
+    if "\0" in str(out_dir):
+        raise UserError("--out holds a NUL byte: choose another --out")
+    out = Path(os.path.realpath(out_dir))
     ckpt_path = find_checkpoint(ckpt)
     check_export_dir(out, ckpt_path, force)  # before loading: a large checkpoint takes a while
     model, _ = load_checkpoint(ckpt_path, "cpu")
@@ -1764,7 +2093,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Pat
                         f"{tokenizer.n_vocab}: its tokenizer cannot be exported with it")
 
     # Named like atomic_write's temporary files; mkdir (not mkdtemp's 0700) keeps the user's umask.
-    staging, old = (out.with_name(f".{out.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    remove_leftovers(out, kinds=("tmp", "old"))  # a killed export's staging and previous directories
+    staging, old = (temporary_path(out, kind) for kind in ("tmp", "old"))
     shutil.rmtree(staging, ignore_errors=True)  # left by a crashed run that had our pid
     staging.mkdir(parents=True)
     try:
