@@ -6,6 +6,7 @@ data loading -> trainer -> sampler -> export -> CLI.
     python optimus.py train  [--preset NAME] [--FIELD VALUE ...]
     python optimus.py sample [--ckpt PATH] [--prompt TEXT] ...
     python optimus.py export --ckpt PATH --out DIR
+    python optimus.py eval   --ckpt PATH [--data_dir DIR | --input FILE] [--prompts FILE] [--json FILE]
 """
 from __future__ import annotations
 
