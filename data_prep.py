@@ -450,7 +450,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per prepare() argument, same defaults."""
     p = OneLineParser(description="Dolly-15k JSONL, a text JSONL or a .txt file -> GPT-2 token files "
-                                  "(train.bin, val.bin, meta.json).")
+                                  "(train.bin, val.bin, meta.json; for Dolly the response masks train.mask, val.mask).")
     p.add_argument("--input", default=None, metavar="FILE", help="local input file (default: download --dataset_name)")
     p.add_argument("--out_dir", default="data/dolly", metavar="DIR", help="output folder (default: data/dolly)")
     p.add_argument("--dataset_size", type=int, default=1000, metavar="N", help="records to keep, 0: all (default: 1000)")

@@ -1971,7 +1971,8 @@ def cmd_eval(argv: list[str]) -> int:
             mask = data_dir / f"{split}.mask"
             if not (data_dir / f"{split}.bin").is_file():
                 raise UserError(f"{data_dir / f'{split}.bin'} does not exist: prepare {data_dir} with data_prep.py")
-            files.append((data_dir / f"{split}.bin", mask if meta.get("mask") == "response" and mask.is_file() else None))
+            has_mask = meta.get("mask") == "response" and mask.is_file()
+            files.append((data_dir / f"{split}.bin", mask if has_mask else None))
         if meta.get("format") == "dolly" and files[0][1] is None:
             print(f"note: {data_dir} has no response mask (prepared by an older data_prep): all-token loss only; "
                   f"prepare it again for the response loss", file=sys.stderr)
