@@ -48,10 +48,21 @@ at line 9,000 of 15,000. Skips are counted in meta.json and reported on stderr w
 numbers (the first few, then a count). An input with fewer than two usable records (or a text
 shorter than two tokens) is an error.
 
-Output in out_dir: train.bin and val.bin (little-endian uint16 GPT-2 ids) and meta.json (tokenizer,
-vocab size, format, template, source path and sha256, settings, counts). Each is written to a
-temporary file and renamed; meta.json is removed first and written last, so it marks a complete
-output. A run whose input sha256 and settings match the existing meta.json does nothing.
+Response mask (Dolly only): train.mask and val.mask hold one uint8 per token of train.bin and
+val.bin: 1 on each response token and on the record's closing <|endoftext|>, 0 on its prompt (the
+instruction, context and headers). The trainer's `--loss_on response` counts a next-token target
+only where the mask is 1. The mask is made here, from the pieces, rather than found at load time
+by searching the tokens for "### Response:": the prompt and the response are tokenised separately
+(the same ids as tokenising the whole text: the prompt ends in a newline and the stripped response
+starts with a non-space, a place GPT-2's pre-tokeniser always splits), so the boundary is exact even
+when an instruction or context quotes the template's headers, and a window that starts in the middle
+of a record needs no look-back. meta.json's "mask" is "response" when the mask files exist, else None.
+
+Output in out_dir: train.bin and val.bin (little-endian uint16 GPT-2 ids), for Dolly train.mask and
+val.mask, and meta.json (tokenizer, vocab size, format, template, mask, source path and sha256,
+settings, counts). Each is written to a temporary file and renamed; meta.json is removed first and
+written last, so it marks a complete output. A run whose input sha256 and settings match the
+existing meta.json does nothing.
 """
 from __future__ import annotations
 
@@ -77,7 +88,9 @@ TOKENIZER = "gpt2"
 VOCAB_SIZE = 50257
 EOT_ID = 50256  # <|endoftext|>: ends every example
 TOKEN_DTYPE = np.dtype("<u2")  # little-endian uint16 holds every GPT-2 id (all < 65536)
-META_VERSION = 1  # bump when the files' layout changes: outputs of another version are rewritten
+MASK_DTYPE = np.dtype("u1")  # one byte per token: 1 where the token counts with --loss_on response
+# Bump when the files' layout changes: outputs of another version are rewritten. 2: response masks.
+META_VERSION = 2
 MAX_REPORTED_SKIPS = 5  # skipped lines named one by one before the rest are only counted
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
@@ -254,9 +267,20 @@ def encode_examples(enc: tiktoken.Encoding, texts: list[str]) -> np.ndarray:
     return np.fromiter(chain.from_iterable(x + [EOT_ID] for x in ids), dtype=TOKEN_DTYPE)
 
 
-def build_jsonl(path: Path, data: bytes, enc: tiktoken.Encoding, dataset_size: int,
-                train_val_split: float, seed: int) -> tuple[str, np.ndarray, np.ndarray, dict]:
-    """(format, train tokens, val tokens, counts) for a JSON Lines input."""
+def encode_records(enc: tiktoken.Encoding, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Dolly records as (tokens, response mask): per record its prompt's ids (mask 0), its response's
+    ids and <|endoftext|> (mask 1). The ids are those of format_record's whole text (docstring)."""
+    prompts = enc.encode_ordinary_batch([format_prompt(DOLLY_TEMPLATE, r["instruction"], r.get("context", ""))
+                                         for r in records])
+    responses = enc.encode_ordinary_batch([r["response"].strip() for r in records])
+    tokens = chain.from_iterable(p + r + [EOT_ID] for p, r in zip(prompts, responses))
+    mask = chain.from_iterable([0] * len(p) + [1] * (len(r) + 1) for p, r in zip(prompts, responses))
+    return np.fromiter(tokens, dtype=TOKEN_DTYPE), np.fromiter(mask, dtype=MASK_DTYPE)
+
+
+def build_jsonl(path: Path, data: bytes, enc: tiktoken.Encoding, dataset_size: int, train_val_split: float,
+                seed: int) -> tuple[str, np.ndarray, np.ndarray, dict, tuple[np.ndarray, np.ndarray] | None]:
+    """(format, train tokens, val tokens, counts, (train mask, val mask) or None) for a JSON Lines input."""
     fmt, records, skipped = parse_jsonl(data)
     if skipped:
         print(f"warning: skipped {len(skipped)} unusable line(s) of {path}: {describe_skips(skipped)}",
@@ -272,14 +296,19 @@ def build_jsonl(path: Path, data: bytes, enc: tiktoken.Encoding, dataset_size: i
             print(f"dataset_size {dataset_size} is more than the {len(order)} usable records: using all")
         order = order[:dataset_size]
     n_train, n_val = split_sizes(len(order), train_val_split)
+    masks = None
     if fmt == "dolly":
-        texts = [format_record(DOLLY_TEMPLATE, records[i]) for i in order]
+        (train, train_mask), (val, val_mask) = (encode_records(enc, [records[i] for i in part])
+                                                for part in (order[:n_train], order[n_train:]))
+        masks = train_mask, val_mask
     else:
         texts = [records[i]["text"] for i in order]
-    train, val = encode_examples(enc, texts[:n_train]), encode_examples(enc, texts[n_train:])
+        train, val = encode_examples(enc, texts[:n_train]), encode_examples(enc, texts[n_train:])
     counts = {"records_usable": len(records), "records_train": n_train, "records_val": n_val,
               "records_skipped": len(skipped), "tokens_train": len(train), "tokens_val": len(val)}
-    return fmt, train, val, counts
+    if masks:
+        counts.update(response_tokens_train=int(masks[0].sum()), response_tokens_val=int(masks[1].sum()))
+    return fmt, train, val, counts, masks
 
 
 def build_text(path: Path, data: bytes, enc: tiktoken.Encoding,
@@ -361,13 +390,20 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_outputs(out: Path, train: np.ndarray, val: np.ndarray, meta: dict) -> None:
-    """train.bin, val.bin, then meta.json; the old meta.json goes first, so it always marks a complete set."""
+def write_outputs(out: Path, train: np.ndarray, val: np.ndarray, meta: dict,
+                  masks: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """train.bin, val.bin, the masks (if any), then meta.json; the old meta.json goes first, so it
+    always marks a complete set."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
         atomic_write(out / "train.bin", train.tofile)
         atomic_write(out / "val.bin", val.tofile)
+        for split, mask in zip(("train", "val"), masks or (None, None)):
+            if mask is None:  # an earlier Dolly output's mask would not match these tokens
+                (out / f"{split}.mask").unlink(missing_ok=True)
+            else:
+                atomic_write(out / f"{split}.mask", mask.tofile)
         atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     except OSError as exc:
         raise DataError(f"cannot write to {out} ({exc.strerror or exc}): pick a writable --out_dir") from None
@@ -396,6 +432,8 @@ def is_up_to_date(out: Path, sha256: str, settings: dict) -> dict | None:
         current = (meta["version"] == META_VERSION and meta["source"]["sha256"] == sha256
                    and meta["settings"] == settings and meta["template"] == expected_template)
         sizes_ok = all((out / f"{split}.bin").stat().st_size == meta["counts"][f"tokens_{split}"] * TOKEN_DTYPE.itemsize
+                       and (meta["mask"] is None or (out / f"{split}.mask").stat().st_size
+                            == meta["counts"][f"tokens_{split}"] * MASK_DTYPE.itemsize)
                        for split in ("train", "val"))
     except (DataError, OSError, KeyError, TypeError):
         return None
@@ -445,10 +483,11 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
         return meta
 
     enc = gpt2_encoding()
+    masks = None
     if detect_format(path, data) == "text":
         fmt, train, val, counts = build_text(path, data, enc, train_val_split)
     else:
-        fmt, train, val, counts = build_jsonl(path, data, enc, dataset_size, train_val_split, seed)
+        fmt, train, val, counts, masks = build_jsonl(path, data, enc, dataset_size, train_val_split, seed)
     meta = {
         "version": META_VERSION,
         "tokenizer": TOKENIZER,
@@ -457,11 +496,12 @@ def prepare(input_path: str | None, out_dir: str, dataset_size: int = 1000, trai
         "dtype": "uint16-le",
         "format": fmt,
         "template": DOLLY_TEMPLATE if fmt == "dolly" else None,
+        "mask": "response" if masks else None,
         "source": {"path": str(path), "sha256": sha256, "bytes": len(data), "url": url},
         "settings": settings,
         "counts": counts,
     }
-    write_outputs(out, train, val, meta)
+    write_outputs(out, train, val, meta, masks)
     if fmt == "text":
         summary = f"one document cut at {train_val_split}: train {len(train):,} tokens, val {len(val):,} tokens"
     else:
@@ -484,7 +524,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one flag per prepare() argument, same defaults."""
     p = OneLineParser(description="Dolly-15k JSONL, a text JSONL or a .txt file -> GPT-2 token files "
-                                  "(train.bin, val.bin, meta.json).")
+                                  "(train.bin, val.bin, meta.json; for Dolly the response masks train.mask, val.mask).")
     p.add_argument("--input", default=None, metavar="FILE", help="local input file (default: download --dataset_name)")
     p.add_argument("--out_dir", default="data/dolly", metavar="DIR", help="output folder (default: data/dolly)")
     p.add_argument("--dataset_size", type=int, default=1000, metavar="N", help="records to keep, 0: all (default: 1000)")

@@ -6,6 +6,7 @@ data loading -> trainer -> sampler -> export -> CLI.
     python optimus.py train  [--preset NAME] [--FIELD VALUE ...]
     python optimus.py sample [--ckpt PATH] [--prompt TEXT] ...
     python optimus.py export --ckpt PATH --out DIR
+    python optimus.py eval   --ckpt PATH [--data_dir DIR | --input FILE] [--prompts FILE] [--json FILE]
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import data_prep
 from data_prep import atomic_write, remove_leftovers, temporary_path
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>: separates documents, ends every answer
+IGNORE_INDEX = -100  # a target that does not count in the loss (F.cross_entropy's default ignore_index)
 
 
 class UserError(Exception):
@@ -164,6 +166,10 @@ class TrainingConfig:
     resume: bool = cfg_field(False, "continue from checkpoint_dir/latest.pt")
     seed: int = cfg_field(1337, "seed for initialisation and data order")
     run_name: str = cfg_field("", "run directory name under tensorboard_dir ('' : a timestamp)")
+    loss_on: str = cfg_field("auto", "targets in the loss: response (Dolly responses and their closing "
+                                     "<|endoftext|>) | all | auto (response for Dolly data, all for text)")
+    init_from: str = cfg_field("", "start a new run (fresh optimizer, step 0) from this checkpoint's weights "
+                                   "and model config; with --resume only its model config is used")
 
     def __post_init__(self):
         counts = (lambda v: 0 <= v <= MAX_STEPS, "0 or positive")
@@ -190,6 +196,8 @@ class TrainingConfig:
             # One directory under tensorboard_dir: a '/' or '..' would write outside it.
             "run_name": (lambda v: v == "" or (usable_path(v) and "/" not in v and v not in (".", "..")),
                          "a plain directory name (no '/')"),
+            "loss_on": (lambda v: v in ("auto", "response", "all"), "auto, response or all"),
+            "init_from": (lambda v: v == "" or usable_path(v), "'' or a usable checkpoint path"),
         })
 
 
@@ -213,6 +221,8 @@ def make_configs(preset: str = "base", **overrides) -> tuple[ModelConfig, Traini
     unknown = set(values) - model_names - train_names
     if unknown:
         raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    if values.get("init_from"):  # the checkpoint's model; the preset's model fields give way to it
+        values.update(init_model_values(values["init_from"], {k: v for k, v in overrides.items() if k in model_names}))
     model_cfg = ModelConfig(**{k: v for k, v in values.items() if k in model_names})
     train_cfg = TrainingConfig(**{k: v for k, v in values.items() if k in train_names})
     return model_cfg, train_cfg
@@ -673,9 +683,15 @@ class Transformer(nn.Module):
         """LM head; padded vocabulary rows are cut off, so they can never be sampled."""
         return self.head(h)[..., : self.cfg.vocab_size]
 
-    def forward(self, tokens: torch.Tensor, pos=None, caches=None) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size)."""
-        return self.logits(self.hidden(tokens, pos, caches))
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                pos=None, caches=None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size); with targets (B, T) int64, the float32
+        cross-entropy instead: the mean over targets that are not IGNORE_INDEX, or their sum."""
+        logits = self.logits(self.hidden(tokens, pos, caches))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -780,6 +796,27 @@ def read_checkpoint(path: Path, device: str | torch.device) -> dict:
     return ckpt
 
 
+# Model fields a run from a checkpoint (--init_from) may change: they pick kernels and memory use, not the math.
+FREE_MODEL_FIELDS = ("impl", "checkpointing")
+
+
+def model_conflicts(saved: dict, wanted: dict) -> list[str]:
+    """'field value (checkpoint: value)' for each field of `wanted` that contradicts the saved model config."""
+    return [f"{k} {v} (checkpoint: {saved.get(k)})" for k, v in wanted.items()
+            if k not in FREE_MODEL_FIELDS and saved.get(k) != v]
+
+
+def init_model_values(path: str | Path, given: dict) -> dict:
+    """The model config of checkpoint `path` (file or directory) with the model fields `given` by the
+    user, which must agree with it (UserError naming the fields that do not)."""
+    saved = read_checkpoint(find_checkpoint(path), "cpu")["model_config"]
+    conflicts = model_conflicts(saved, given)
+    if conflicts:
+        raise UserError(f"--init_from {path}: the model config comes from the checkpoint, and it contradicts "
+                        f"{', '.join(conflicts)}: drop those flags")
+    return {**saved, **given}
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
     """(model on `device` in eval mode, the checkpoint dict). Errors name the file and the fix."""
     path = find_checkpoint(path)
@@ -804,6 +841,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 # max_length (inputs and their next-token targets). Epoch e visits the windows in a permutation
 # seeded by (seed, e); step s takes the s-th block of batch_size windows of that endless order. The
 # data a step sees is a pure function of (seed, step): resume and several ranks need no loader state.
+# With --loss_on response, a target counts only where data_prep's response mask (train.mask,
+# val.mask: one byte per token) is 1; the others become IGNORE_INDEX. The windows stay the same.
 
 
 def read_tokens(path: Path):
@@ -852,16 +891,59 @@ def check_token_files(data_dir: Path, meta: dict, vocab_size: int) -> None:
                                 f"outside the model's vocab_size {vocab_size}: {redo}, or raise --vocab_size")
 
 
+def read_mask(path: Path | None):
+    """A read-only memory map of a response mask (uint8 per token), or None (every target counts)."""
+    import numpy as np
+    return None if path is None else np.memmap(path, dtype="u1", mode="r")
+
+
+def window_pairs(tokens, mask, starts, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (len(starts), length) int64: the windows of length + 1 tokens at
+    `starts`, targets shifted by one, IGNORE_INDEX where `mask` (None: all count) is 0."""
+    import numpy as np
+    rows = np.stack([tokens[s: s + length + 1] for s in starts]).astype(np.int64)    # (n, length + 1)
+    targets = rows[:, 1:].copy()                                                     # (n, length)
+    if mask is not None:
+        counted = np.stack([mask[s + 1: s + length + 1] for s in starts]).astype(bool)  # (n, length)
+        targets[~counted] = IGNORE_INDEX
+    return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(targets)
+
+
+def mask_paths(data_dir: Path, meta: dict, loss_on: str) -> tuple[str, dict[str, Path | None]]:
+    """(the resolved loss_on, {split: its mask file or None}). `auto` is `response` for Dolly data:
+    an instruction-tuned model is asked to answer, not to write instructions. Errors say the fix."""
+    fmt = meta.get("format")
+    if loss_on == "auto":
+        loss_on = "response" if fmt == "dolly" else "all"
+    if loss_on == "all":
+        return loss_on, {"train": None, "val": None}
+    if fmt != "dolly":
+        raise UserError(f"--loss_on response needs Dolly-format data (instruction/response records), but "
+                        f"{data_dir} holds {fmt} data: train with --loss_on all")
+    paths = {split: data_dir / f"{split}.mask" for split in ("train", "val")}
+    if meta.get("mask") != "response" or not all(p.is_file() for p in paths.values()):
+        settings, source = meta.get("settings", {}), meta.get("source", {}).get("path", "DOLLY.jsonl")
+        again = " ".join(f"--{k} {v}" for k, v in settings.items())
+        raise UserError(f"{data_dir} was prepared by an older data_prep (meta.json version {meta.get('version')}), "
+                        f"without the response mask: prepare it again with `python data_prep.py --input "
+                        f"{source} --out_dir {data_dir} {again}`, or train on every token with --loss_on all")
+    for split, path in paths.items():
+        if path.stat().st_size != (data_dir / f"{split}.bin").stat().st_size // 2:
+            raise UserError(f"{path} does not match {data_dir / f'{split}.bin'} (one byte per token): "
+                            f"prepare {data_dir} again with data_prep.py")
+    return loss_on, paths
+
+
 class TrainWindows(torch.utils.data.Dataset):
-    """Item i: this rank's i-th micro-batch, a (micro_batch, max_length + 1) int64 tensor."""
+    """Item i: this rank's i-th micro-batch, (inputs, targets), each (micro_batch, max_length) int64."""
 
     def __init__(self, path: Path, max_length: int, batch_size: int, micro_batch: int,
-                 seed: int, rank: int = 0, world: int = 1):
-        self.path, self.max_length, self.seed = path, max_length, seed
+                 seed: int, rank: int = 0, world: int = 1, mask_path: Path | None = None):
+        self.path, self.mask_path, self.max_length, self.seed = path, mask_path, max_length, seed
         self.batch_size, self.micro_batch, self.rank, self.world = batch_size, micro_batch, rank, world
         self.accum = batch_size // (micro_batch * world)  # micro-steps per optimizer step
         self.num_windows = (len(read_tokens(path)) - 1) // max_length
-        self._tokens, self._perms = None, {}  # opened lazily: each loader worker maps its own
+        self._tokens, self._mask, self._perms = None, None, {}  # opened lazily: each loader worker maps its own
 
     def window_order(self, epoch: int):
         import numpy as np
@@ -872,19 +954,17 @@ class TrainWindows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62  # endless: the sampler picks the items
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        import numpy as np
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tokens is None:
-            self._tokens = read_tokens(self.path)
+            self._tokens, self._mask = read_tokens(self.path), read_mask(self.mask_path)
         step, micro = divmod(i, self.accum)
         # Rows of the global batch: micro-step a of rank r takes block (a * world + r).
         first = step * self.batch_size + (micro * self.world + self.rank) * self.micro_batch
-        rows = []
+        starts = []
         for g in range(first, first + self.micro_batch):
             epoch, j = divmod(g, self.num_windows)
-            start = int(self.window_order(epoch)[j]) * self.max_length
-            rows.append(self._tokens[start: start + self.max_length + 1])
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+            starts.append(int(self.window_order(epoch)[j]) * self.max_length)
+        return window_pairs(self._tokens, self._mask, starts, self.max_length)
 
 
 def _ignore_sigint(_worker_id: int) -> None:
@@ -903,16 +983,20 @@ def train_loader(windows: TrainWindows, first_step: int, last_step: int, num_wor
         prefetch_factor=4 if num_workers else None, persistent_workers=False)
 
 
-def val_windows(path: Path, max_length: int, count: int) -> torch.Tensor:
-    """The fixed validation set: the first `count` windows of val.bin, (count, max_length + 1)."""
-    import numpy as np
+def val_windows(path: Path, max_length: int, count: int,
+                mask_path: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation set: the first `count` windows of val.bin as (inputs, targets), each
+    (count, max_length) int64, targets masked like the training ones."""
     tokens = read_tokens(path)
     n = min(count, (len(tokens) - 1) // max_length)
     if n < 1:
         raise UserError(f"{path} has {len(tokens)} tokens, fewer than max_length + 1 = {max_length + 1}: "
                         f"lower --max_length or give more validation data")
-    return torch.from_numpy(np.stack([tokens[i * max_length: i * max_length + max_length + 1]
-                                      for i in range(n)]).astype(np.int64))
+    inputs, targets = window_pairs(tokens, read_mask(mask_path), [i * max_length for i in range(n)], max_length)
+    if not (targets != IGNORE_INDEX).any():
+        raise UserError(f"the {n} validation windows of {path} hold no response token: "
+                        f"raise --eval_batches or give more validation records")
+    return inputs, targets
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -1155,8 +1239,10 @@ class Trainer:
             for name in ("latest.pt", "best.pt"):
                 remove_leftovers(Path(cfg.checkpoint_dir) / name)
         self.meta = ensure_token_files(cfg, self.dist)
-        check_token_files(Path(cfg.data_dir), self.meta, model_cfg.vocab_size)
+        data_dir = Path(cfg.data_dir)
+        check_token_files(data_dir, self.meta, model_cfg.vocab_size)
         check_memory(model_cfg, copies=4)  # weights, gradients, AdamW's two moments
+        self.loss_on, masks = mask_paths(data_dir, self.meta, cfg.loss_on)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(model_cfg).to(self.rt.device)
         self.impl = self.model.kernels(self.rt.device, training=True)
@@ -1168,12 +1254,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.needs_grad_scaler else None
         self.step, self.best_val, self.run_name = 0, float("inf"), cfg.run_name
         self.resumed_total, self.resumed_run = 0, None  # the checkpoint's total steps and run name
-        if cfg.resume:
+        if cfg.resume:  # continues this run; init_from, if given too, only supplied the model config
             self.restore(Path(cfg.checkpoint_dir) / "latest.pt")
+        elif cfg.init_from:
+            self.init_from(cfg.init_from)
         self.micro_batch = self.find_micro_batch()
-        data_dir = Path(cfg.data_dir)
-        self.windows = TrainWindows(data_dir / "train.bin", cfg.max_length, cfg.batch_size,
-                                    self.micro_batch, cfg.seed, self.dist.rank, self.dist.world)
+        self.windows = TrainWindows(data_dir / "train.bin", cfg.max_length, cfg.batch_size, self.micro_batch,
+                                    cfg.seed, self.dist.rank, self.dist.world, masks["train"])
         if self.windows.num_windows < 1:
             raise UserError(f"{data_dir / 'train.bin'} is shorter than max_length + 1 tokens: "
                             f"lower --max_length or give more data")
@@ -1181,7 +1268,7 @@ class Trainer:
             raise UserError(f"batch_size {cfg.batch_size} is more than the {self.windows.num_windows} windows of "
                             f"max_length + 1 = {cfg.max_length + 1} tokens in {data_dir / 'train.bin'}: lower "
                             f"--batch_size or --max_length, or give more data")
-        self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * cfg.batch_size)
+        self.val = val_windows(data_dir / "val.bin", cfg.max_length, cfg.eval_batches * cfg.batch_size, masks["val"])
         # A resumed run keeps its schedule's length unless --max_steps sets a new one.
         self.total_steps = (cfg.max_steps or self.resumed_total
                             or max(1, cfg.num_epochs * self.windows.num_windows // cfg.batch_size))
@@ -1285,12 +1372,23 @@ class Trainer:
             raise UserError(f"{ckpt} is a finished run (step {self.step} of {self.total_steps}): pass --max_steps N "
                             f"with N > {self.step} to train it further, or start a new run without --resume")
 
-    def loss(self, forward, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy, in float32, of a (B, T + 1) batch of windows."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def init_from(self, path: str) -> None:
+        """Start this new run from a checkpoint's weights: step 0, fresh optimizer, its own schedule."""
+        file = find_checkpoint(path)
+        ckpt = read_checkpoint(file, self.rt.device)
+        conflicts = model_conflicts(ckpt["model_config"], dataclasses.asdict(self.model.cfg))
+        if conflicts:
+            raise UserError(f"--init_from {file} holds another model: {', '.join(conflicts)}; "
+                            f"build the model from the checkpoint's config (make_configs does)")
+        self.model.load_state_dict(ckpt["model"])
+        if self.dist.is_main:
+            print(f"initialised from {file} (its step {ckpt['step']}); new run from step 0")
+
+    def loss(self, forward, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy, in float32, of inputs (B, T) against targets (B, T) (IGNORE_INDEX
+        ones do not count): their mean, or their sum."""
         with self.rt.autocast():
-            logits = forward(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+            return forward(inputs, targets, reduction)
 
     def fits(self, micro_batch: int) -> bool:
         """Probe forward and backward at max_length: does this micro-batch fit with the optimizer?"""
@@ -1299,7 +1397,7 @@ class Trainer:
         try:
             batch = torch.randint(0, self.model.cfg.vocab_size, (micro_batch, self.cfg.max_length + 1),
                                   device=self.rt.device)
-            self.loss(self.model, batch).backward()
+            self.loss(self.model, batch[:, :-1], batch[:, 1:]).backward()
             adam_state = 2 * 4 * sum(p.numel() for p in self.model.parameters())  # exp_avg, exp_avg_sq
             peak = torch.cuda.max_memory_allocated(self.rt.device) + adam_state
             ok = peak < MEMORY_HEADROOM * torch.cuda.get_device_properties(self.rt.device).total_memory
@@ -1354,20 +1452,28 @@ class Trainer:
             "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
             "device": torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "cpu",
             "dtype": str(self.rt.dtype), "data": self.meta, "parameters": self.model.num_params(),
+            "loss_on": self.loss_on,
         }
 
     # -- the loop
 
     def train_step(self, batches) -> torch.Tensor:
-        """One optimizer step over batch_size sequences; returns the mean loss (on device)."""
-        total = torch.zeros((), device=self.rt.device)
+        """One optimizer step over batch_size sequences; returns this rank's share of the step's loss
+        (on device; summed over ranks it is the mean over the global batch's counted targets)."""
         accum = self.windows.accum
-        for micro in range(accum):
-            batch = next(batches).to(self.rt.device, non_blocking=True)
+        micro_batches = [[t.to(self.rt.device, non_blocking=True) for t in next(batches)] for _ in range(accum)]
+        # The mean over all counted targets of the global batch, not a mean of micro-batch means (a
+        # response mask counts different numbers per window): each micro-batch's loss sum is divided
+        # by the global count, times world because DDP averages the ranks' gradients. A step with no
+        # counted target (count clamped to 1) adds zero gradient instead of NaN.
+        count = sum((targets != IGNORE_INDEX).sum() for _, targets in micro_batches).float()
+        count = self.dist.all_reduce(count).clamp(min=1) / self.dist.world
+        total = torch.zeros((), device=self.rt.device)
+        for micro, (inputs, targets) in enumerate(micro_batches):
             # DDP all-reduces gradients on the last micro-step only.
             sync = self.ddp is None or micro == accum - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss = self.loss(self.forward, batch) / accum
+                loss = self.loss(self.forward, inputs, targets, reduction="sum") / count
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
@@ -1387,14 +1493,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation windows (sharded across ranks, then reduced)."""
+        """Mean loss over the counted targets of the fixed validation windows (sharded across ranks,
+        then reduced)."""
         self.model.eval()
-        sums = torch.zeros(2, device=self.rt.device, dtype=torch.float64)  # (loss sum, token count)
-        for chunk in self.val[self.dist.rank:: self.dist.world].split(self.micro_batch):
-            batch = chunk.to(self.rt.device)
+        sums = torch.zeros(2, device=self.rt.device, dtype=torch.float64)  # (loss sum, counted targets)
+        inputs, targets = (t[self.dist.rank:: self.dist.world] for t in self.val)
+        for x, y in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
+            x, y = x.to(self.rt.device), y.to(self.rt.device)
             # The plain model: a few eager batches cost less than compiling an eval graph (~1 min).
-            sums[0] += self.loss(self.model, batch, reduction="sum").double()
-            sums[1] += batch[:, 1:].numel()
+            sums[0] += self.loss(self.model, x, y, reduction="sum").double()
+            sums[1] += (y != IGNORE_INDEX).sum()
         self.model.train()
         self.dist.all_reduce(sums)
         return float(sums[0] / sums[1])
@@ -1920,6 +2028,83 @@ def cmd_sample(argv: list[str]) -> int:
             respond(line, history)
 
 
+# ----------------------------------------------------------------------------- evaluation
+# `optimus.py eval`: a checkpoint's loss on token files, and its greedy answers to a list of prompts,
+# so two checkpoints (say, before and after fine-tuning) can be compared on the same footing.
+
+
+@torch.no_grad()
+def eval_losses(model: Transformer, rt: Runtime, files: list[tuple[Path, Path | None]], length: int,
+                batch: int) -> dict:
+    """The loss on every next-token target of the token files (with their response masks or None):
+    windows of length + 1 tokens at a stride of length (the last one shorter), so each target counts
+    once, with at most `length` tokens of context. Over all targets, and over the response ones."""
+    sums = {"all": [0.0, 0], "response": [0.0, 0]}  # name: [loss sum, targets]
+    tokens_total = 0
+    for token_path, mask_path in files:
+        tokens, mask = read_tokens(token_path), read_mask(mask_path)
+        n = len(tokens)
+        tokens_total += n
+        starts = range(0, n - 1, length)
+        full = [s for s in starts if s + length < n]
+        groups = [(full[i: i + batch], length) for i in range(0, len(full), batch)]
+        groups += [([s], n - 1 - s) for s in starts if s + length >= n]  # the shorter last window
+        for group, size in groups:
+            kinds = [("all", None)] + ([("response", mask)] if mask is not None else [])
+            for name, kind_mask in kinds:
+                inputs, targets = (t.to(rt.device) for t in window_pairs(tokens, kind_mask, group, size))
+                with rt.autocast():
+                    sums[name][0] += float(model(inputs, targets, "sum"))
+                sums[name][1] += int((targets != IGNORE_INDEX).sum())
+    report = {"tokens": tokens_total}
+    for name, (total, count) in sums.items():
+        if count:
+            loss = total / count
+            report.update({f"loss_{name}": loss, f"perplexity_{name}": math.exp(min(loss, 700.0)),
+                           f"targets_{name}": count})
+    return report
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """{instruction, context} per prompt: one per line, or JSON Lines with "instruction" (and "context")."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prompts file {path} ({type(exc).__name__}): give a UTF-8 text file, "
+                        f"one prompt per line") from None
+    prompts = []
+    for i, line in enumerate(lines, start=1):
+        if not line.lstrip().startswith("{"):
+            prompts.append({"instruction": line.strip(), "context": ""})
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append({"instruction": str(record["instruction"]), "context": str(record.get("context") or "")})
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} line {i} is not a JSON object with an 'instruction': write one prompt "
+                            f"per line, or JSON Lines with 'instruction' (and 'context')") from None
+    if not prompts:
+        raise UserError(f"{path} holds no prompt: write one per line")
+    return prompts
+
+
+def greedy_answers(model: Transformer, prompts: list[dict], template: dict | None, max_new_tokens: int,
+                   batch: int) -> list[dict]:
+    """[{prompt, answer}]: greedy answers, prompts formatted with the checkpoint's template (as-is
+    when it has none: a model pretrained on plain text)."""
+    enc = load_tokenizer()
+    texts = [data_prep.format_prompt(template, p["instruction"], p["context"]) if template
+             else "\n\n".join(x for x in (p["instruction"], p["context"]) if x) for p in prompts]
+    results = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i: i + batch]
+        steps = list(generate(model, [enc.encode_ordinary(t) for t in chunk], max_new_tokens, temperature=0.0))
+        for text, ids in zip(chunk, torch.stack(steps, dim=1).tolist()):                 # (B, steps)
+            ids = ids[: ids.index(EOT_ID)] if EOT_ID in ids else ids
+            results.append({"prompt": text, "answer": enc.decode(ids)})
+    return results
+
+
 # ----------------------------------------------------------------------------- export
 # A checkpoint as a Hugging Face Llama directory that `LlamaForCausalLM.from_pretrained(dir)` loads
 # with none of this code: our math is Llama's (see DESIGN.md), so the weights only change names.
@@ -2245,6 +2430,18 @@ EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
     "out": (str, None, "output directory for the Hugging Face model"),
     "force": (bool, False, "replace an earlier export in --out"),
 }
+EVAL_FLAGS: dict[str, tuple[type, object, str]] = {
+    "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),
+    "data_dir": (str, None, "score this token directory's val.bin (default: the checkpoint's data_dir)"),
+    "input": (str, None, "score every record of this text / JSONL file instead (prepared by data_prep)"),
+    "prompts": (str, None, "greedy answers to these prompts: one per line, or JSONL with 'instruction'"),
+    "json": (str, None, "write the report (losses, counts, answers) to this JSON file"),
+    "max_length": (int, 0, "tokens of context per window; 0: the checkpoint's training max_length"),
+    "batch_size": (int, 8, "windows (or prompts) per forward pass"),
+    "max_new_tokens": (int, 128, "tokens per answer at most"),
+    "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
+    "impl": (str, "auto", "fused kernels: auto | ext | ref"),
+}
 
 
 def train_parser(prog: str) -> CLIParser:
@@ -2288,6 +2485,68 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_eval(argv: list[str]) -> int:
+    """Loss and perplexity of a checkpoint on token files or a text / JSONL file; greedy answers to prompts."""
+    import tempfile
+    args = command_flags(argv, EVAL_FLAGS)
+    if args["data_dir"] and args["input"]:
+        raise UserError("eval takes --data_dir DIR or --input FILE, not both")
+    if args["impl"] not in ("auto", "ext", "ref"):
+        raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
+    if args["batch_size"] < 1:
+        raise UserError(f"--batch_size must be positive, got {args['batch_size']}")
+    prompts = read_prompts(Path(args["prompts"])) if args["prompts"] else None
+    rt = resolve_runtime(args["device"])
+    path = find_checkpoint(args["ckpt"])
+    model, ckpt = load_checkpoint(path, rt.device)
+    model.cfg.impl = args["impl"]
+    resolve_impl(args["impl"], rt.device)
+    length = args["max_length"] or min(ckpt["training_config"].get("max_length", 0) or model.cfg.max_seq_len,
+                                       model.cfg.max_seq_len)
+    if not 0 < length <= model.cfg.max_seq_len:
+        raise UserError(f"--max_length must be between 1 and the model's max_seq_len {model.cfg.max_seq_len}")
+    if prompts and not 0 < args["max_new_tokens"] < model.cfg.max_seq_len:
+        raise UserError(f"--max_new_tokens must be between 1 and {model.cfg.max_seq_len - 1}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if args["input"]:  # every record lands in train.bin or val.bin: score both
+                with contextlib.redirect_stdout(sys.stderr):
+                    meta = data_prep.prepare(args["input"], tmp, dataset_size=0, train_val_split=0.5)
+                data_dir, splits = Path(tmp), ("train", "val")
+            else:
+                data_dir, splits = Path(args["data_dir"] or ckpt["training_config"]["data_dir"]), ("val",)
+                meta = data_prep.load_meta(data_dir)
+        except data_prep.DataError as exc:
+            raise UserError(str(exc)) from None
+        files = []
+        for split in splits:
+            mask = data_dir / f"{split}.mask"
+            if not (data_dir / f"{split}.bin").is_file():
+                raise UserError(f"{data_dir / f'{split}.bin'} does not exist: prepare {data_dir} with data_prep.py")
+            has_mask = meta.get("mask") == "response" and mask.is_file()
+            files.append((data_dir / f"{split}.bin", mask if has_mask else None))
+        if meta.get("format") == "dolly" and files[0][1] is None:
+            print(f"note: {data_dir} has no response mask (prepared by an older data_prep): all-token loss only; "
+                  f"prepare it again for the response loss", file=sys.stderr)
+        report = {"ckpt": str(path), "step": ckpt["step"], "data": [str(f) for f, _ in files],
+                  "format": meta.get("format"), "max_length": length,
+                  **eval_losses(model, rt, files, length, args["batch_size"])}
+    print(f"{path} (step {ckpt['step']}) on {', '.join(report['data'])}: {report['tokens']:,} tokens, "
+          f"windows of {length}")
+    for name in ("all", "response"):
+        if f"loss_{name}" in report:
+            print(f"  {name + ' tokens:':<17} loss {report[f'loss_{name}']:.4f}  perplexity "
+                  f"{report[f'perplexity_{name}']:.2f}  ({report[f'targets_{name}']:,} targets)")
+    if prompts:
+        report["answers"] = greedy_answers(model, prompts, ckpt.get("template"), args["max_new_tokens"],
+                                           args["batch_size"])
+        for item in report["answers"]:
+            print(f"\n>>> {item['prompt'].strip()}\n{item['answer']}")
+    if args["json"]:
+        atomic_write(Path(args["json"]), lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    return 0
+
+
 class Command(typing.NamedTuple):
     run: typing.Callable[[list[str]], int]
     flags: Flags | None  # None: train, whose flags are the config fields
@@ -2299,6 +2558,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, None, "train a model: --preset NAME and any config field"),
     "sample": Command(cmd_sample, SAMPLE_FLAGS, "chat with a checkpoint (interactive without --prompt)"),
     "export": Command(cmd_export, EXPORT_FLAGS, "write a checkpoint in the Hugging Face Llama format"),
+    "eval": Command(cmd_eval, EVAL_FLAGS, "loss and perplexity of a checkpoint; greedy answers to prompts"),
 }
 
 

@@ -439,9 +439,9 @@ def cached_logits(model, tokens, prefill):
     device = tokens.device
     caches = [optimus.KVCache(B, model.cfg, torch.float32, device) for _ in range(model.cfg.depth)]
     pos = torch.arange(prefill, device=device).expand(B, prefill)
-    out = [model(tokens[:, :prefill], pos, caches)]
+    out = [model(tokens[:, :prefill], pos=pos, caches=caches)]
     for t in range(prefill, T):
-        out.append(model(tokens[:, t:t + 1], torch.full((B, 1), t, device=device), caches))
+        out.append(model(tokens[:, t:t + 1], pos=torch.full((B, 1), t, device=device), caches=caches))
     assert all(int(c.status) == 0 for c in caches)
     return torch.cat(out, dim=1)
 

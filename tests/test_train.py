@@ -135,8 +135,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir,
     trainer = optimus.Trainer(model_cfg, train_cfg)
     loss = trainer.loss
 
-    def poisoned(forward, batch, reduction="mean"):
-        value = loss(forward, batch, reduction)
+    def poisoned(forward, inputs, targets, reduction="mean"):
+        value = loss(forward, inputs, targets, reduction)
         return value * float("nan") if trainer.step >= 4 and trainer.model.training else value
     monkeypatch.setattr(trainer, "loss", poisoned)
     with pytest.raises(optimus.UserError, match="non-finite"):
@@ -162,17 +162,20 @@ def test_windows_are_deterministic_and_disjoint_across_ranks(tmp_path):
     tokens.tofile(path)
     whole = optimus.TrainWindows(path, max_length=10, batch_size=8, micro_batch=2, seed=1)
     assert whole.num_windows == 99 and whole.accum == 4
-    global_batch = torch.cat([whole[3 * 4 + a] for a in range(4)])      # step 3, all micro-steps
+    window = lambda item: torch.cat([item[0], item[1][:, -1:]], dim=1)   # inputs + last target: the window
+    global_batch = torch.cat([window(whole[3 * 4 + a]) for a in range(4)])  # step 3, all micro-steps
     ranks = [optimus.TrainWindows(path, 10, 8, 2, seed=1, rank=r, world=2) for r in range(2)]
-    per_rank = [torch.cat([w[3 * 2 + a] for a in range(2)]) for w in ranks]
+    per_rank = [torch.cat([window(w[3 * 2 + a]) for a in range(2)]) for w in ranks]
     starts = lambda rows: sorted(int(r[0]) for r in rows)
     assert starts(torch.cat(per_rank)) == starts(global_batch)            # same global batch
     assert not set(starts(per_rank[0])) & set(starts(per_rank[1]))        # no shared rows
     for row in global_batch:                                              # windows of the stream
         assert int(row[0]) % 10 == 0 and torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 11))
-    first_epoch = torch.cat([whole[i] for i in range(12 * 4)])            # 12 steps = 96 windows
+    inputs, targets = whole[7]                                            # targets: the next tokens
+    assert inputs.shape == targets.shape == (2, 10) and torch.equal(targets[:, :-1], inputs[:, 1:])
+    first_epoch = torch.cat([window(whole[i]) for i in range(12 * 4)])    # 12 steps = 96 windows
     assert len(set(starts(first_epoch))) == 96                             # no window twice in an epoch
-    assert torch.equal(whole[5], optimus.TrainWindows(path, 10, 8, 2, seed=1)[5])
+    assert all(torch.equal(a, b) for a, b in zip(whole[5], optimus.TrainWindows(path, 10, 8, 2, seed=1)[5]))
 
 
 def run_cli(*args, **kwargs):
