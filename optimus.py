@@ -203,6 +203,12 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (g * torch.sigmoid(g) * up.to(g.dtype)).to(gate.dtype)
 
 
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu_ref of the halves of one packed projection: gate_up (..., 2H) = [gate | up] -> (..., H)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
 def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, rotate-half convention: pairs (x[i], x[i + hd/2]) turn by angle i.
 
@@ -286,6 +292,14 @@ def _register_python_parts() -> None:
     def _(grad, gate, up):
         return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
+    @torch.library.register_fake("optimus::swiglu_packed")
+    def _(gate_up):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    @torch.library.register_fake("optimus::swiglu_packed_backward")
+    def _(grad, gate_up):
+        return gate_up.new_empty(gate_up.shape)
+
     @torch.library.register_fake("optimus::rope_kv_append")
     def _(q, k, v, cos, sin, pos, k_cache, v_cache, status):
         B, T, H, hd = q.shape
@@ -303,6 +317,15 @@ def _register_python_parts() -> None:
         return tuple(lib.swiglu_backward(grad.contiguous(), gate, up))
 
     torch.library.register_autograd("optimus::swiglu", backward, setup_context=setup_context)
+
+    def setup_packed(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_packed(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        return lib.swiglu_packed_backward(grad.contiguous(), gate_up)  # one (..., 2H) gradient
+
+    torch.library.register_autograd("optimus::swiglu_packed", backward_packed, setup_context=setup_packed)
 
 
 def _cuda_arch_list() -> str:
@@ -413,6 +436,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "ref") -> torch.Ten
     if impl == "ext":
         return torch.ops.optimus.swiglu(gate, up)
     return swiglu_ref(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+    """silu(gate) * up of gate_up = [gate | up] (..., 2H), read in place; the kernel's backward
+    writes one (..., 2H) gradient (the reference's goes through two slices)."""
+    if impl == "ext":
+        return torch.ops.optimus.swiglu_packed(gate_up)
+    return swiglu_packed_ref(gate_up)
 
 
 def rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status, impl: str = "ref") -> torch.Tensor:
@@ -576,6 +607,11 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl == "ext" and self.training and torch.is_grad_enabled():
+            # Training on the extension: one gate-up matmul, whose (B, T, 2H) output the kernel
+            # reads in place and whose gradient its backward writes whole (no slice backward).
+            gate_up = F.linear(x, torch.cat([self.gate.weight, self.up.weight]))  # (B, T, 2H)
+            return self.down(swiglu_packed(gate_up, impl))
         return self.down(swiglu(self.gate(x), self.up(x), impl))
 
 

@@ -11,6 +11,10 @@ TORCH_LIBRARY(optimus, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   // (d_gate, d_up) of swiglu; recomputes sigmoid(gate) instead of saving it.
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // swiglu of gate_up = [gate | up] (..., 2H), one packed projection's output; its backward
+  // writes one packed (..., 2H) gradient.
+  m.def("swiglu_packed(Tensor gate_up) -> Tensor");
+  m.def("swiglu_packed_backward(Tensor grad, Tensor gate_up) -> Tensor");
   // Rotary on q and k at positions `pos`, k and v written into the caches there; returns q as
   // (B, H, T, hd). The caches and `status` are written in place, hence their alias annotations.
   m.def(

@@ -23,7 +23,8 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
     torch.float64: dict(rtol=1e-12, atol=1e-14),
 }
-OPS = ("swiglu", "swiglu_backward", "rope_kv_append", "cross_entropy_fwd_bwd")
+OPS = ("swiglu", "swiglu_backward", "swiglu_packed", "swiglu_packed_backward", "rope_kv_append",
+       "cross_entropy_fwd_bwd")
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +132,61 @@ def test_swiglu_non_contiguous_and_misaligned_inputs(device, dtype):
         exp_gate, exp_up = swiglu_backward_float64(grad, gate, up)
         torch.testing.assert_close(d_gate, exp_gate.to(dtype), **TOL[dtype], msg=name)
         torch.testing.assert_close(d_up, exp_up.to(dtype), **TOL[dtype], msg=name)
+
+
+# (leading dims, H): the base model's width (16-byte rows); an odd width (1-element packs).
+PACKED_SHAPES = [((3, 5), 2816), ((2, 3), 37), ((7,), 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, H", PACKED_SHAPES)
+def test_swiglu_reads_the_halves_of_a_packed_tensor_in_place(device, dtype, lead, H):
+    """gate and up as row-strided views [..., :H] and [..., H:] of one (..., 2H) tensor, and of a
+    wider one at an odd column offset (misaligned rows)."""
+    packed = (2 * torch.randn(*lead, 2 * H, device=device)).to(dtype)
+    wide = (2 * torch.randn(*lead, 2 * H + 3, device=device)).to(dtype)
+    grad = torch.randn(*lead, H, device=device).to(dtype)
+    views = {"packed": (packed[..., :H], packed[..., H:]), "offset": (wide[..., 1:H + 1], wide[..., H + 2:2 * H + 2])}
+    for name, (gate, up) in views.items():
+        assert not gate.is_contiguous() and gate.stride(-1) == 1, name
+        torch.testing.assert_close(torch.ops.optimus.swiglu(gate, up), optimus.swiglu_ref(gate, up), **TOL[dtype], msg=name)
+        d_gate, d_up = torch.ops.optimus.swiglu_backward(grad, gate, up)
+        exp_gate, exp_up = swiglu_backward_float64(grad, gate, up)
+        torch.testing.assert_close(d_gate, exp_gate.to(dtype), **TOL[dtype], msg=name)
+        torch.testing.assert_close(d_up, exp_up.to(dtype), **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, H", PACKED_SHAPES)
+def test_swiglu_packed_forward_and_one_packed_gradient(device, dtype, lead, H):
+    gate_up = (2 * torch.randn(*lead, 2 * H, device=device)).to(dtype).requires_grad_()
+    grad = torch.randn(*lead, H, device=device).to(dtype)
+    out = optimus.swiglu_packed(gate_up, impl="ext")
+    assert out.shape == (*lead, H) and out.is_contiguous()
+    torch.testing.assert_close(out, optimus.swiglu_packed_ref(gate_up), **TOL[dtype])
+    (d_gate_up,) = torch.autograd.grad(out, gate_up, grad)
+    exp_gate, exp_up = swiglu_backward_float64(grad, gate_up[..., :H], gate_up[..., H:])
+    assert d_gate_up.shape == gate_up.shape
+    torch.testing.assert_close(d_gate_up, torch.cat([exp_gate, exp_up], -1).to(dtype), **TOL[dtype])
+    # A packed input that is itself a row view (a wider buffer's first 2H columns).
+    wide = torch.randn(*lead, 2 * H + 8, device=device).to(dtype)
+    torch.testing.assert_close(torch.ops.optimus.swiglu_packed(wide[..., :2 * H]),
+                               optimus.swiglu_packed_ref(wide[..., :2 * H]), **TOL[dtype])
+
+
+def test_swiglu_packed_float64_gradcheck_and_opcheck():
+    gate_up = torch.randn(3, 2 * 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.optimus.swiglu_packed, (gate_up,))
+    x = torch.randn(3, 2 * 17, requires_grad=True)
+    torch.library.opcheck(torch.ops.optimus.swiglu_packed, (x,))
+    torch.library.opcheck(torch.ops.optimus.swiglu_packed_backward, (torch.randn(3, 17), x.detach()))
+
+
+def test_swiglu_packed_rejects_an_odd_width():
+    with pytest.raises(RuntimeError, match="2H"):
+        torch.ops.optimus.swiglu_packed(torch.randn(4, 7))
 
 
 @pytest.mark.parametrize("device", DEVICES)
