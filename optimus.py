@@ -676,6 +676,11 @@ class Transformer(nn.Module):
             return "ref"
         return resolve_impl(self.cfg.impl, device)
 
+    def loss_kernels(self, device: torch.device) -> str:
+        """The loss's implementation: the fused linear + cross-entropy ("ext") whenever the
+        extension builds, even for impl="auto" in training: it never makes the full float32 logits."""
+        return resolve_impl(self.cfg.impl, device)
+
     def hidden(self, tokens: torch.Tensor, pos=None, caches=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim). With `caches`, tokens sit at `pos` (B, T)."""
         impl = self.kernels(tokens.device, self.training and torch.is_grad_enabled())
@@ -707,7 +712,7 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, pos, caches)
         if targets is None:
             return self.logits(h)
-        if resolve_impl(self.cfg.impl, tokens.device) == "ext":
+        if self.loss_kernels(tokens.device) == "ext":
             return linear_cross_entropy(h, self.head.weight, targets, self.cfg.vocab_size, reduction, impl="ext")
         return linear_cross_entropy_ref(h, self.head.weight, targets, self.cfg.vocab_size, reduction)
 
@@ -1002,6 +1007,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(model_cfg).to(self.rt.device)
         self.impl = self.model.kernels(self.rt.device, training=True)
+        self.loss_impl = self.model.loss_kernels(self.rt.device)  # resolved here, not inside a compiled forward
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -1116,7 +1122,7 @@ class Trainer:
         return {
             "model_config": dataclasses.asdict(self.model.cfg), "training_config": dataclasses.asdict(self.cfg),
             "micro_batch": self.micro_batch, "world_size": self.dist.world, "total_steps": self.total_steps,
-            "kernels": self.impl, "code_version": git_commit(), "torch": torch.__version__,
+            "kernels": self.impl, "loss_kernels": self.loss_impl, "code_version": git_commit(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
             "device": torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "cpu",
             "dtype": str(self.rt.dtype), "data": self.meta, "parameters": self.model.num_params(),

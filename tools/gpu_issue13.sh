@@ -24,8 +24,8 @@ print('cross_entropy_fwd_bwd CUDA kernel:', torch._C._dispatch_has_kernel_for_di
 " || failed=1
 
 echo "--- tests ($SECONDS s)"
-timeout 60 "$PY" -m pytest -q -x -rs tests/test_kernels.py tests/test_train.py \
-  -k "cuda and (cross_entropy or linear_cross or loss or model_ or registered or autocast or follows)" || failed=1
+timeout 75 "$PY" -m pytest -q -x -rs tests/test_kernels.py tests/test_train.py \
+  -k "cuda and (cross_entropy or linear_cross or loss or model_ or registered or autocast or follows or swiglu)" || failed=1
 
 echo "--- bench train ($SECONDS s)"
 timeout $((LIMIT - SECONDS)) "$PY" bench.py --device cuda --only train --json "$OUT/train.json" \
