@@ -267,44 +267,116 @@ def random_token_dir(root: Path, tokens: int) -> Path:
     return data
 
 
-TRAIN_CASES = [  # (preset, overrides, impl, compile) on CUDA
-    ("base", dict(batch_size=8), "ext", "true"), ("base", dict(batch_size=8), "ref", "true"),
-    ("base", dict(batch_size=8), "ext", "false"), ("base", dict(batch_size=8), "ref", "false"),
-    ("base", dict(batch_size=512), "ext", "true"),  # the batch finder splits it into micro-batches
+# (name, batch, checkpointing, side): side "optimus-<impl>" is the trainer with that impl, "hf" is
+# transformers' LlamaForCausalLM of the same config. Run in this order (the most telling pairs
+# first, so that a run cut short still compares them); `--train_cases` picks a subset by name.
+TRAIN_CASES = [
+    ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"),
+    ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
+    ("b64", 64, False, "optimus-ref"), ("b8", 8, False, "optimus-auto"), ("b8", 8, False, "hf"),
+    ("b8-ckpt", 8, True, "optimus-ext"), ("finder", 512, True, "optimus-auto"), ("finder", 512, True, "hf"),
 ]
 
 
+class HFStep:
+    """transformers' LlamaForCausalLM (the same config, torch.compile, bf16 autocast) trained with
+    the trainer's loss (float32 cross-entropy of the logits) and step (clip 1.0, fused AdamW, decay
+    on matrices only). At the batch finder's case it takes the micro-batch the finder chose for
+    Optimus, so both accumulate alike."""
+
+    def __init__(self, model_cfg, train_cfg, device: torch.device, micro_batch: int):
+        import transformers
+        config = transformers.LlamaConfig(attn_implementation="sdpa", **{
+            k: v for k, v in optimus.hf_config(model_cfg).items() if k not in ("architectures", "model_type", "torch_dtype")})
+        torch.manual_seed(0)
+        self.model = transformers.LlamaForCausalLM(config).to(device).train()
+        if model_cfg.checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+            lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2), fused=True)
+        self.forward = torch.compile(self.model) if device.type == "cuda" else self.model
+        self.rt = optimus.resolve_runtime(str(device))
+        self.cfg, self.micro = train_cfg, micro_batch
+        self.vocab = model_cfg.vocab_size
+        self.batches = [torch.randint(0, self.vocab, (micro_batch, train_cfg.max_length + 1), device=device)
+                        for _ in range(4)]
+
+    def step(self, i: int) -> None:
+        accum = self.cfg.batch_size // self.micro
+        for a in range(accum):
+            batch = self.batches[(i * accum + a) % len(self.batches)]
+            with self.rt.autocast():
+                logits = self.forward(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
-    """The trainer's own optimizer step on the default model: tokens/s, MFU and peak memory, for
-    ext and ref kernels, eager and compiled, at the default batch and at a batch the finder splits."""
+    """The trainer's own optimizer step on the default model (T 512, bf16 autocast, compiled):
+    tokens/s, MFU and peak memory, beside transformers' LlamaForCausalLM + torch.compile with the
+    same loss and step (rows `hf`, when transformers is installed) and the ratio to it. `auto` is
+    the product's choice (the fused loss, Inductor's SwiGLU), `ext` every extension kernel, `ref`
+    no kernel (the loss over the full float32 logits)."""
     import tempfile
-    if device.type == "cpu":  # the default model takes minutes per step on a CPU: measure `tiny`
-        cases = [("tiny", dict(batch_size=8, max_length=64), impl, "false") for impl in ("ext", "ref")]
+    cuda = device.type == "cuda"
+    if not cuda:  # the default model takes minutes per step on a CPU: measure `tiny`
+        cases = [("tiny", 8, False, side) for side in ("optimus-ext", "optimus-ref", "hf")]
     cases = cases or TRAIN_CASES
-    rows = []
+    if not have_transformers():
+        print("transformers is not installed: no hf rows", file=sys.stderr)
+        cases = [c for c in cases if c[3] != "hf"]
+    rows, finder_micro = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = random_token_dir(Path(tmp), 4_000_000 if device.type == "cuda" else 200_000)
-        for preset, overrides, impl, compiled in cases:
+        data = random_token_dir(Path(tmp), 4_000_000 if cuda else 200_000)
+        for name, batch, checkpointing, side in cases:
+            impl = side.removeprefix("optimus-") if side != "hf" else "auto"
             model_cfg, train_cfg = optimus.make_configs(
-                preset, impl=impl, compile=compiled, device=str(device), data_dir=str(data), num_workers=2,
-                checkpoint_dir=str(Path(tmp) / "ckpt"), tensorboard_dir=str(Path(tmp) / "runs"),
-                max_steps=1000, eval_batches=1, **overrides)
-            trainer = optimus.Trainer(model_cfg, train_cfg)
-            batches = iter(optimus.train_loader(trainer.windows, 0, 1000, 2, pin=device.type == "cuda"))
-            if device.type == "cuda":
+                "base" if cuda else "tiny", impl=impl, compile="true" if cuda else "false", device=str(device),
+                data_dir=str(data), num_workers=2, checkpoint_dir=str(Path(tmp) / "ckpt"),
+                tensorboard_dir=str(Path(tmp) / "runs"), max_steps=1000, eval_batches=1, batch_size=batch,
+                checkpointing=checkpointing, **({} if cuda else dict(max_length=64)))
+            if cuda:
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = seconds_per_call(lambda i: trainer.train_step(batches), device, STEP_BUDGETS[device.type])
-            tokens = train_cfg.batch_size * train_cfg.max_length
-            row = {"model": preset, "impl": impl, "compile": compiled, "batch": train_cfg.batch_size,
-                   "micro_batch": trainer.micro_batch, "step_ms": seconds * 1e3, "tokens/s": tokens / seconds}
+            if side == "hf":
+                runner = HFStep(model_cfg, train_cfg, device, finder_micro.get(name, batch))
+                step, micro, flops_model = runner.step, runner.micro, optimus.Transformer(model_cfg)
+            else:
+                trainer = optimus.Trainer(model_cfg, train_cfg)
+                batches = iter(optimus.train_loader(trainer.windows, 0, 1000, 2, pin=cuda))
+                step, micro, flops_model = (lambda i: trainer.train_step(batches)), trainer.micro_batch, trainer.model
+                finder_micro[name] = micro
+            seconds = seconds_per_call(step, device, STEP_BUDGETS[device.type])
+            tokens = batch * train_cfg.max_length
+            row = {"case": name, "side": side, "batch": batch, "micro_batch": micro, "checkpointing": checkpointing,
+                   "step_ms": seconds * 1e3, "tokens/s": tokens / seconds}
             peak = optimus.peak_flops(device)
             if peak:
-                row["mfu"] = optimus.flops_per_token(trainer.model, train_cfg.max_length) * tokens / seconds / peak
+                row["mfu"] = optimus.flops_per_token(flops_model, train_cfg.max_length) * tokens / seconds / peak
                 row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
             rows.append(row)
-            del trainer, batches
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            hf = next((r for r in rows if r["case"] == name and r["side"] == "hf"), None)
+            for r in rows:  # the ratio, once both sides of a case are in
+                if hf and r["case"] == name and r is not hf:
+                    r["vs_hf"] = r["tokens/s"] / hf["tokens/s"]
+            print(f"train {name} {side} batch {batch} (micro {micro}): {row['step_ms']:.1f} ms, "
+                  f"{row['tokens/s']:,.0f} tokens/s" + (f", {row['vs_hf']:.2f}x hf" if "vs_hf" in row else "")
+                  + (f", mfu {row['mfu']:.1%}, peak {row['peak_mem_GiB']:.2f} GiB" if peak else ""), flush=True)
+            step = runner = trainer = batches = flops_model = None
     return rows
 
 
@@ -373,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cuda | cpu | auto (cuda when available)")
     parser.add_argument("--json", help="also write every row, with the environment, to this file")
     parser.add_argument("--only", help=f"comma-separated sections to run (default all: {', '.join(SECTIONS)})")
+    parser.add_argument("--train_cases", help="comma-separated train cases to run, every side of each "
+                        f"(default all: {', '.join(dict.fromkeys(c[0] for c in TRAIN_CASES))})")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -387,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     results = {}
     for name in names:
-        rows = SECTIONS[name](device)
+        if name == "train" and args.train_cases:
+            chosen = args.train_cases.split(",")
+            rows = bench_train(device, [c for c in TRAIN_CASES if c[0] in chosen])
+        else:
+            rows = SECTIONS[name](device)
         results[name] = rows
         print(f"\n== {name}\n{format_table(rows)}", flush=True)
     if args.json:

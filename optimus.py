@@ -280,6 +280,12 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (g * torch.sigmoid(g) * up.to(g.dtype)).to(gate.dtype)
 
 
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu_ref of the halves of one packed projection: gate_up (..., 2H) = [gate | up] -> (..., H)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
 def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, rotate-half convention: pairs (x[i], x[i + hd/2]) turn by angle i.
 
@@ -319,6 +325,34 @@ def rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status) -> torc
     return q_rot.contiguous()
 
 
+def cross_entropy_fwd_bwd_ref(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                              vocab_size: int) -> torch.Tensor:
+    """Per-row cross-entropy of logits[:, :vocab_size], and the logits overwritten with its gradient.
+
+    logits: (rows, cols) with cols >= vocab_size (padded vocabulary), written in place with
+    (softmax - onehot(target)) * scale over the first vocab_size columns and 0 beyond; targets:
+    (rows,) int64; scale: one element, float32 (float64 for float64 logits). Returns the loss per
+    row, lse - x[target], in float32 (float64). A target of IGNORE_INDEX gives loss 0 and a zero
+    gradient row. Any other target outside [0, vocab_size) raises IndexError on CPU, before
+    anything is written; on CUDA that row's loss is NaN and its gradient row zero.
+    """
+    ignored = targets == IGNORE_INDEX
+    in_range = (targets >= 0) & (targets < vocab_size)
+    if targets.device.type == "cpu" and not bool((ignored | in_range).all()):
+        bad = targets[~(ignored | in_range)]
+        raise IndexError(f"cross-entropy target {int(bad[0])} is outside [0, {vocab_size}) and is not "
+                         f"the ignore index {IGNORE_INDEX}")
+    x = logits[:, :vocab_size].to(torch.promote_types(logits.dtype, torch.float32))  # (rows, V)
+    safe = torch.where(in_range, targets, 0)[:, None]                                 # (rows, 1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = torch.where(in_range, lse - x.gather(1, safe)[:, 0], 0.0)
+    loss = torch.where(ignored | in_range, loss, float("nan"))
+    grad = torch.softmax(x, dim=-1).scatter_add(1, safe, -in_range[:, None].to(x.dtype))
+    logits[:, :vocab_size] = (grad * scale * in_range[:, None]).to(logits.dtype)
+    logits[:, vocab_size:] = 0
+    return loss
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -335,10 +369,22 @@ def _register_python_parts() -> None:
     def _(grad, gate, up):
         return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
+    @torch.library.register_fake("optimus::swiglu_packed")
+    def _(gate_up):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    @torch.library.register_fake("optimus::swiglu_packed_backward")
+    def _(grad, gate_up):
+        return gate_up.new_empty(gate_up.shape)
+
     @torch.library.register_fake("optimus::rope_kv_append")
     def _(q, k, v, cos, sin, pos, k_cache, v_cache, status):
         B, T, H, hd = q.shape
         return q.new_empty((B, H, T, hd))
+
+    @torch.library.register_fake("optimus::cross_entropy_fwd_bwd")
+    def _(logits, targets, scale, vocab_size):
+        return logits.new_empty(logits.shape[:1], dtype=torch.promote_types(logits.dtype, torch.float32))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -348,6 +394,15 @@ def _register_python_parts() -> None:
         return tuple(lib.swiglu_backward(grad.contiguous(), gate, up))
 
     torch.library.register_autograd("optimus::swiglu", backward, setup_context=setup_context)
+
+    def setup_packed(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_packed(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        return lib.swiglu_packed_backward(grad.contiguous(), gate_up)  # one (..., 2H) gradient
+
+    torch.library.register_autograd("optimus::swiglu_packed", backward_packed, setup_context=setup_packed)
 
 
 def _cuda_arch_list() -> str:
@@ -493,11 +548,99 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "ref") -> torch.Ten
     return swiglu_ref(gate, up)
 
 
+def swiglu_packed(gate_up: torch.Tensor, impl: str = "ref") -> torch.Tensor:
+    """silu(gate) * up of gate_up = [gate | up] (..., 2H), read in place; the kernel's backward
+    writes one (..., 2H) gradient (the reference's goes through two slices)."""
+    if impl == "ext":
+        return torch.ops.optimus.swiglu_packed(gate_up)
+    return swiglu_packed_ref(gate_up)
+
+
 def rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status, impl: str = "ref") -> torch.Tensor:
     """Rotary on q and k plus the KV-cache write, in one pass (see rope_kv_append_ref)."""
     if impl == "ext":
         return torch.ops.optimus.rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status)
     return rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status)
+
+
+def cross_entropy_fwd_bwd(logits, targets, scale, vocab_size: int, impl: str = "ref") -> torch.Tensor:
+    """Loss per row, and the logits overwritten with its gradient (see cross_entropy_fwd_bwd_ref)."""
+    if impl == "ext":
+        return torch.ops.optimus.cross_entropy_fwd_bwd(logits, targets, scale, vocab_size)
+    return cross_entropy_fwd_bwd_ref(logits, targets, scale, vocab_size)
+
+
+def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                             reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the LM head's logits h @ weight.T cut to the real vocabulary, in float32.
+
+    h: (..., dim); weight: (padded_vocab, dim); targets: (...) int64, IGNORE_INDEX for none.
+    "sum" adds the non-ignored rows' losses; "mean" divides that by their count (0 when every
+    target is ignored, where F.cross_entropy would give NaN). The specification of the fused path.
+    """
+    logits = F.linear(h, weight)[..., :vocab_size]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, -2)  # (N, V)
+    total = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+LOSS_CHUNK_TOKENS = 8192  # rows of logits per chunk: 0.8 GB of bf16 logits at the GPT-2 vocabulary
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy_ref without the full logits: per chunk of tokens, one matmul makes the
+    chunk's logits, cross_entropy_fwd_bwd turns them into the loss and (in place) their gradient,
+    and two matmuls take that to the gradients of h and of the weight. The gradients are made in
+    the forward; the backward only scales them by the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, mean: bool, chunk: int, impl: str, needs_grad: bool):
+        # h (N, dim), weight (Vp, dim), targets (N,). Under autocast the matmuls run in its dtype,
+        # as F.linear would; the log-sum-exp is float32 either way.
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            h_c, w_c = h.to(dtype), weight.to(dtype)
+            loss_dtype = torch.promote_types(dtype, torch.float32)
+            count = (targets != IGNORE_INDEX).sum()
+            scale = count.clamp(min=1).to(loss_dtype).reciprocal() if mean else count.new_ones((), dtype=loss_dtype)
+            # grad_w sums the chunks in float32 at least (autocast's bf16 weight gradient is one
+            # matmul, rounded once); grad_h rows are written once, in the matmuls' dtype.
+            losses, grad_h, grad_w = [], torch.empty_like(h_c) if needs_grad else None, None
+            for start in range(0, h.shape[0], chunk):
+                end = min(start + chunk, h.shape[0])
+                logits = h_c[start:end] @ w_c.t()                                       # (n, Vp)
+                losses.append(cross_entropy_fwd_bwd(logits, targets[start:end], scale.reshape(1), vocab_size, impl))
+                if needs_grad:  # logits now hold d loss / d logits
+                    torch.mm(logits, w_c, out=grad_h[start:end])                       # (n, dim)
+                    part = logits.t() @ h_c[start:end]                                  # (Vp, dim)
+                    grad_w = part.to(loss_dtype) if grad_w is None else grad_w.add_(part)
+            loss = torch.cat(losses).sum() * (scale if mean else 1)
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.dtypes = h.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return ((grad_h.to(h_dtype) * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype),
+                None, None, None, None, None, None)
+
+
+@torch.compiler.disable  # eager inside a compiled model: its mm and one kernel per chunk gain nothing from tracing
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         reduction: str = "mean", impl: str = "ext", chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """linear_cross_entropy_ref, fused and chunked (impl "ext": the extension's kernel; "ref": its
+    pure-PyTorch reference inside the same chunked scheme)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return FusedLinearCrossEntropy.apply(h.flatten(0, -2), weight, targets.flatten(), vocab_size,
+                                         reduction == "mean", chunk, impl, needs_grad)
 
 
 # ----------------------------------------------------------------------------- model
@@ -574,6 +717,11 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl == "ext" and self.training and torch.is_grad_enabled():
+            # Training on the extension: one gate-up matmul, whose (B, T, 2H) output the kernel
+            # reads in place and whose gradient its backward writes whole (no slice backward).
+            gate_up = F.linear(x, torch.cat([self.gate.weight, self.up.weight]))  # (B, T, 2H)
+            return self.down(swiglu_packed(gate_up, impl))
         return self.down(swiglu(self.gate(x), self.up(x), impl))
 
 
@@ -659,6 +807,11 @@ class Transformer(nn.Module):
             return "ref"
         return resolve_impl(self.cfg.impl, device)
 
+    def loss_kernels(self, device: torch.device) -> str:
+        """The loss's implementation: the fused linear + cross-entropy ("ext") whenever the
+        extension builds, even for impl="auto" in training: it never makes the full float32 logits."""
+        return resolve_impl(self.cfg.impl, device)
+
     def hidden(self, tokens: torch.Tensor, pos=None, caches=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim). With `caches`, tokens sit at `pos` (B, T)."""
         if tokens.shape[-1] > self.cfg.max_seq_len:  # the rotary tables and the cache end there
@@ -683,15 +836,19 @@ class Transformer(nn.Module):
         """LM head; padded vocabulary rows are cut off, so they can never be sampled."""
         return self.head(h)[..., : self.cfg.vocab_size]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean", *,
                 pos=None, caches=None) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size); with targets (B, T) int64, the float32
-        cross-entropy instead: the mean over targets that are not IGNORE_INDEX, or their sum."""
-        logits = self.logits(self.hidden(tokens, pos, caches))
+        """tokens (B, T) int64 -> logits (B, T, vocab_size); with targets (B, T) int64 (IGNORE_INDEX
+        for none), the float32 cross-entropy instead: the mean over non-ignored targets, or their sum.
+
+        The loss never makes the full logits: the extension's fused linear + cross-entropy
+        (linear_cross_entropy) unless impl is "ref" (then linear_cross_entropy_ref)."""
+        h = self.hidden(tokens, pos, caches)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
+            return self.logits(h)
+        if self.loss_kernels(tokens.device) == "ext":
+            return linear_cross_entropy(h, self.head.weight, targets, self.cfg.vocab_size, reduction, impl="ext")
+        return linear_cross_entropy_ref(h, self.head.weight, targets, self.cfg.vocab_size, reduction)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1246,6 +1403,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(model_cfg).to(self.rt.device)
         self.impl = self.model.kernels(self.rt.device, training=True)
+        self.loss_impl = self.model.loss_kernels(self.rt.device)  # resolved here, not inside a compiled forward
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -1385,8 +1543,8 @@ class Trainer:
             print(f"initialised from {file} (its step {ckpt['step']}); new run from step 0")
 
     def loss(self, forward, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy, in float32, of inputs (B, T) against targets (B, T) (IGNORE_INDEX
-        ones do not count): their mean, or their sum."""
+        """Float32 cross-entropy of `forward` (the model, or its compiled/DDP wrapper) on inputs
+        (B, T) against targets (B, T), IGNORE_INDEX for none: their mean, or their sum."""
         with self.rt.autocast():
             return forward(inputs, targets, reduction)
 
@@ -1448,7 +1606,7 @@ class Trainer:
         return {
             "model_config": dataclasses.asdict(self.model.cfg), "training_config": dataclasses.asdict(self.cfg),
             "micro_batch": self.micro_batch, "world_size": self.dist.world, "total_steps": self.total_steps,
-            "kernels": self.impl, "code_version": git_commit(), "torch": torch.__version__,
+            "kernels": self.impl, "loss_kernels": self.loss_impl, "code_version": git_commit(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
             "device": torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "cpu",
             "dtype": str(self.rt.dtype), "data": self.meta, "parameters": self.model.num_params(),
@@ -1478,10 +1636,19 @@ class Trainer:
             total += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.cfg.gradient_clip_val > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.gradient_clip_val)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg, self.total_steps)
+        clip = self.cfg.gradient_clip_val
+        if clip > 0 and self.optimizer.defaults["fused"] and not self.scaler:
+            # The clip folded into fused AdamW: `grad_scale` is how GradScaler hands that kernel a
+            # scale, and it divides every gradient by it in the pass that updates the weights. So
+            # the clip costs one read of the gradients (their norm), not clip_grad_norm_'s extra
+            # read and write of all of them. grad / max(1, norm / clip) is clip_grad_norm_'s grad
+            # * min(1, clip / norm), to rounding.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            self.optimizer.grad_scale = ((norm + 1e-6) / clip).clamp(min=1.0)
+        elif clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

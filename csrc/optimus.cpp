@@ -1,9 +1,9 @@
 // The `optimus` operator library: the schemas of the fused ops, and nothing else.
 //
 // Each op's kernels register per device in their own files (swiglu.cpp / swiglu.cu,
-// rope_kv_append.cpp / rope_kv_append.cu); the fake (meta) implementations and the autograd
-// formula are registered from Python (optimus._register_python_parts), next to the pure-PyTorch
-// references that specify every op.
+// rope_kv_append.cpp / rope_kv_append.cu, cross_entropy.cpp / cross_entropy.cu); the fake (meta)
+// implementations and the autograd formula are registered from Python
+// (optimus._register_python_parts), next to the pure-PyTorch references that specify every op.
 #include <torch/library.h>
 
 TORCH_LIBRARY(optimus, m) {
@@ -11,9 +11,16 @@ TORCH_LIBRARY(optimus, m) {
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   // (d_gate, d_up) of swiglu; recomputes sigmoid(gate) instead of saving it.
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // swiglu of gate_up = [gate | up] (..., 2H), one packed projection's output; its backward
+  // writes one packed (..., 2H) gradient.
+  m.def("swiglu_packed(Tensor gate_up) -> Tensor");
+  m.def("swiglu_packed_backward(Tensor grad, Tensor gate_up) -> Tensor");
   // Rotary on q and k at positions `pos`, k and v written into the caches there; returns q as
   // (B, H, T, hd). The caches and `status` are written in place, hence their alias annotations.
   m.def(
       "rope_kv_append(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) status) -> Tensor");
+  // Per-row cross-entropy of (rows, cols) logits over their first vocab_size columns; the logits
+  // are overwritten with the gradient (softmax - onehot) * scale, hence the alias annotation.
+  m.def("cross_entropy_fwd_bwd(Tensor(a!) logits, Tensor targets, Tensor scale, int vocab_size) -> Tensor");
 }

@@ -12,13 +12,15 @@
  * registers and spills (ptxas -v: 64 registers and a stack frame against 48, none). Infinities
  * and NaN come out as in PyTorch's silu (silu(-inf) = NaN, silu(inf) = inf).
  *
- * Memory layout: gate, up and grad have one shape and are read as flat arrays. A
- * non-contiguous input is first copied to a contiguous one (one extra pass); the outputs are new
- * contiguous tensors. The kernels are memory-bound: each thread moves 16-byte packs (8 bf16/fp16
- * or 4 fp32 elements), several packs per operand in flight, in a grid-stride loop over a grid
- * that just fills the GPU. The elements past the last whole pack are done one by one by the
- * first threads. When a base pointer is not 16-byte aligned (a view at an odd offset), the whole
- * tensor goes through the same kernel with 1-element packs.
+ * Memory layout: every operand is (rows, cols) with its own row stride and contiguous rows
+ * (swiglu.cpp collapses the leading dimensions; gate and up can be the two halves of one packed
+ * (..., 2H) projection, and the backward can write d_gate and d_up into the halves of one packed
+ * gradient). Contiguous operands are one flat row. The kernels are memory-bound: each thread
+ * moves 16-byte packs (8 bf16/fp16 or 4 fp32 elements), several packs per operand in flight, in a
+ * grid-stride loop over a grid that just fills the GPU. Flat: the elements past the last whole
+ * pack are done one by one by the first threads. Strided: a pack's row is its index divided by
+ * the packs per row. When a row start is not 16-byte aligned (a view at an odd offset, or cols
+ * not a multiple of the pack), the whole tensor goes through the same kernel with 1-element packs.
  *
  * Dtypes: float32, bfloat16, float16. Each element is computed in float32 and rounded once,
  * when stored, to the input dtype: the same numbers as swiglu_ref in optimus.py (to an ulp).
@@ -31,6 +33,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 namespace optimus {
 namespace {
@@ -113,15 +116,31 @@ __device__ __forceinline__ float swiglu_backward_f32(float dy, float x, float y,
   return dy * y * s * (1.0f + x * (1.0f - s));
 }
 
-// out[i] = silu(gate[i]) * up[i] for i < n; packs of V elements, V == 1 when unaligned.
-template <typename T, int V>
+// Where the operands of one kernel sit: `rows` rows of `cols` elements, row r of operand k at
+// base_k + r * stride[k]. Flat (Strided == false): rows == 1 and the row is the whole tensor.
+struct Layout {
+  int64_t rows, cols;
+  int64_t stride[5];  // forward: gate, up, out; backward: grad, gate, up, d_gate, d_up
+};
+
+// Element offset of pack i (of V elements) in operand k.
+template <int V, bool Strided>
+__device__ __forceinline__ int64_t offset(const Layout& l, int64_t i, int k, int64_t packs_per_row) {
+  if constexpr (!Strided) {
+    return i * V;
+  } else {
+    const int64_t r = i / packs_per_row;
+    return r * l.stride[k] + (i - r * packs_per_row) * V;
+  }
+}
+
+// out = silu(gate) * up; packs of V elements, V == 1 when unaligned.
+template <typename T, int V, bool Strided>
 __global__ void __launch_bounds__(kThreads)
-swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t n) {
+swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, Layout l) {
   using P = Pack<T, V>;
-  const P* __restrict__ g = reinterpret_cast<const P*>(gate);
-  const P* __restrict__ u = reinterpret_cast<const P*>(up);
-  P* __restrict__ o = reinterpret_cast<P*>(out);
-  const int64_t packs = n / V;
+  const int64_t packs_per_row = l.cols / V;
+  const int64_t packs = l.rows * packs_per_row;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kForwardUnroll;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kForwardUnroll + threadIdx.x;
        base < packs; base += step) {
@@ -130,8 +149,8 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
     for (int k = 0; k < kForwardUnroll; ++k) {  // all loads first: they overlap in flight
       const int64_t i = base + k * kThreads;
       if (i < packs) {
-        a[k] = g[i];
-        b[k] = u[i];
+        a[k] = *reinterpret_cast<const P*>(gate + offset<V, Strided>(l, i, 0, packs_per_row));
+        b[k] = *reinterpret_cast<const P*>(up + offset<V, Strided>(l, i, 1, packs_per_row));
       }
     }
 #pragma unroll
@@ -143,28 +162,26 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
         unpack(b[k], y);
 #pragma unroll
         for (int e = 0; e < V; ++e) x[e] = swiglu_f32(x[e], y[e]);
-        o[i] = pack<T, V>(x);
+        *reinterpret_cast<P*>(out + offset<V, Strided>(l, i, 2, packs_per_row)) = pack<T, V>(x);
       }
     }
   }
-  const int64_t tail = packs * V + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (tail < n) {  // the last n % V elements, one per thread of the first block
-    out[tail] = static_cast<T>(swiglu_f32(static_cast<float>(gate[tail]), static_cast<float>(up[tail])));
+  if constexpr (!Strided) {
+    const int64_t tail = packs * V + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    if (tail < l.cols) {  // the last cols % V elements, one per thread of the first block
+      out[tail] = static_cast<T>(swiglu_f32(static_cast<float>(gate[tail]), static_cast<float>(up[tail])));
+    }
   }
 }
 
-// (d_gate, d_up) for i < n; same layout and pack scheme as the forward.
-template <typename T, int V>
+// (d_gate, d_up); same layout and pack scheme as the forward.
+template <typename T, int V, bool Strided>
 __global__ void __launch_bounds__(kThreads)
 swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ gate, const T* __restrict__ up,
-                       T* __restrict__ d_gate, T* __restrict__ d_up, int64_t n) {
+                       T* __restrict__ d_gate, T* __restrict__ d_up, Layout l) {
   using P = Pack<T, V>;
-  const P* __restrict__ dout = reinterpret_cast<const P*>(grad);
-  const P* __restrict__ g = reinterpret_cast<const P*>(gate);
-  const P* __restrict__ u = reinterpret_cast<const P*>(up);
-  P* __restrict__ dg = reinterpret_cast<P*>(d_gate);
-  P* __restrict__ du = reinterpret_cast<P*>(d_up);
-  const int64_t packs = n / V;
+  const int64_t packs_per_row = l.cols / V;
+  const int64_t packs = l.rows * packs_per_row;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kBackwardUnroll;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kBackwardUnroll + threadIdx.x;
        base < packs; base += step) {
@@ -173,9 +190,9 @@ swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ gate, c
     for (int k = 0; k < kBackwardUnroll; ++k) {
       const int64_t i = base + k * kThreads;
       if (i < packs) {
-        a[k] = dout[i];
-        b[k] = g[i];
-        c[k] = u[i];
+        a[k] = *reinterpret_cast<const P*>(grad + offset<V, Strided>(l, i, 0, packs_per_row));
+        b[k] = *reinterpret_cast<const P*>(gate + offset<V, Strided>(l, i, 1, packs_per_row));
+        c[k] = *reinterpret_cast<const P*>(up + offset<V, Strided>(l, i, 2, packs_per_row));
       }
     }
 #pragma unroll
@@ -188,17 +205,19 @@ swiglu_backward_kernel(const T* __restrict__ grad, const T* __restrict__ gate, c
         unpack(c[k], y);
 #pragma unroll
         for (int e = 0; e < V; ++e) dx[e] = swiglu_backward_f32(grad_f[e], x[e], y[e], dy[e]);
-        dg[i] = pack<T, V>(dx);
-        du[i] = pack<T, V>(dy);
+        *reinterpret_cast<P*>(d_gate + offset<V, Strided>(l, i, 3, packs_per_row)) = pack<T, V>(dx);
+        *reinterpret_cast<P*>(d_up + offset<V, Strided>(l, i, 4, packs_per_row)) = pack<T, V>(dy);
       }
     }
   }
-  const int64_t tail = packs * V + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (tail < n) {
-    float du;
-    d_gate[tail] = static_cast<T>(swiglu_backward_f32(static_cast<float>(grad[tail]), static_cast<float>(gate[tail]),
-                                                      static_cast<float>(up[tail]), du));
-    d_up[tail] = static_cast<T>(du);
+  if constexpr (!Strided) {
+    const int64_t tail = packs * V + static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    if (tail < l.cols) {
+      float du;
+      d_gate[tail] = static_cast<T>(swiglu_backward_f32(static_cast<float>(grad[tail]), static_cast<float>(gate[tail]),
+                                                        static_cast<float>(up[tail]), du));
+      d_up[tail] = static_cast<T>(du);
+    }
   }
 }
 
@@ -230,60 +249,104 @@ unsigned int grid_size(int64_t work, int64_t work_per_block) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, resident)));
 }
 
-template <typename T, int V>
-void launch_forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
-  const int64_t n = g.numel();
-  const unsigned int blocks = grid_size<swiglu_forward_kernel<T, V>>(n / V, int64_t{kThreads} * kForwardUnroll);
-  swiglu_forward_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(u.const_data_ptr()),
-      static_cast<T*>(out.mutable_data_ptr()), n);
+// The operands as a Layout: one flat row when all are contiguous, else their row strides (the
+// caller guarantees each is a (rows, cols) view with contiguous rows).
+Layout layout(std::initializer_list<const at::Tensor*> operands, bool& strided) {
+  const at::Tensor& first = **operands.begin();
+  const int64_t cols = first.dim() == 0 ? 1 : first.size(-1);
+  strided = false;
+  for (const at::Tensor* t : operands) strided = strided || !t->is_contiguous();
+  Layout l{};
+  l.rows = strided ? first.numel() / cols : 1;
+  l.cols = strided ? cols : first.numel();
+  int k = 0;
+  for (const at::Tensor* t : operands) l.stride[k++] = strided && t->dim() >= 2 ? t->stride(-2) : l.cols;
+  return l;
 }
 
-template <typename T, int V>
+// Whether every row of every operand starts on a 16-byte boundary (V elements per pack).
+bool rows_aligned(std::initializer_list<const at::Tensor*> operands, const Layout& l, int V) {
+  const bool flat = l.rows == 1;  // flat: a tail loop takes the elements past the last pack
+  bool ok = flat || l.cols % V == 0;
+  int k = 0;
+  for (const at::Tensor* t : operands) {
+    ok = ok && aligned(t->const_data_ptr()) && (flat || l.stride[k] % V == 0);
+    ++k;
+  }
+  return ok;
+}
+
+template <typename T, int V, bool Strided>
+void launch_forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out, const Layout& l) {
+  const unsigned int blocks =
+      grid_size<swiglu_forward_kernel<T, V, Strided>>(l.rows * (l.cols / V), int64_t{kThreads} * kForwardUnroll);
+  swiglu_forward_kernel<T, V, Strided><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const T*>(g.const_data_ptr()), static_cast<const T*>(u.const_data_ptr()),
+      static_cast<T*>(out.mutable_data_ptr()), l);
+}
+
+template <typename T, int V, bool Strided>
 void launch_backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
-                     at::Tensor& d_up) {
-  const int64_t n = g.numel();
-  const unsigned int blocks = grid_size<swiglu_backward_kernel<T, V>>(n / V, int64_t{kThreads} * kBackwardUnroll);
-  swiglu_backward_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                     at::Tensor& d_up, const Layout& l) {
+  const unsigned int blocks =
+      grid_size<swiglu_backward_kernel<T, V, Strided>>(l.rows * (l.cols / V), int64_t{kThreads} * kBackwardUnroll);
+  swiglu_backward_kernel<T, V, Strided><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(dy.const_data_ptr()), static_cast<const T*>(g.const_data_ptr()),
       static_cast<const T*>(u.const_data_ptr()), static_cast<T*>(d_gate.mutable_data_ptr()),
-      static_cast<T*>(d_up.mutable_data_ptr()), n);
+      static_cast<T*>(d_up.mutable_data_ptr()), l);
 }
 
 template <typename T>
-void forward_packed(const at::Tensor& g, const at::Tensor& u, at::Tensor& out, bool vec) {
-  if (vec) launch_forward<T, kPackBytes / sizeof(T)>(g, u, out);
-  else launch_forward<T, 1>(g, u, out);
+void forward_packed(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
+  constexpr int V = kPackBytes / sizeof(T);
+  bool strided = false;
+  const Layout l = layout({&g, &u, &out}, strided);
+  const bool vec = rows_aligned({&g, &u, &out}, l, V);
+  if (strided) {
+    if (vec) launch_forward<T, V, true>(g, u, out, l);
+    else launch_forward<T, 1, true>(g, u, out, l);
+  } else {
+    if (vec) launch_forward<T, V, false>(g, u, out, l);
+    else launch_forward<T, 1, false>(g, u, out, l);
+  }
 }
 
 template <typename T>
 void backward_packed(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
-                     at::Tensor& d_up, bool vec) {
-  if (vec) launch_backward<T, kPackBytes / sizeof(T)>(dy, g, u, d_gate, d_up);
-  else launch_backward<T, 1>(dy, g, u, d_gate, d_up);
+                     at::Tensor& d_up) {
+  constexpr int V = kPackBytes / sizeof(T);
+  bool strided = false;
+  const Layout l = layout({&dy, &g, &u, &d_gate, &d_up}, strided);
+  const bool vec = rows_aligned({&dy, &g, &u, &d_gate, &d_up}, l, V);
+  if (strided) {
+    if (vec) launch_backward<T, V, true>(dy, g, u, d_gate, d_up, l);
+    else launch_backward<T, 1, true>(dy, g, u, d_gate, d_up, l);
+  } else {
+    if (vec) launch_backward<T, V, false>(dy, g, u, d_gate, d_up, l);
+    else launch_backward<T, 1, false>(dy, g, u, d_gate, d_up, l);
+  }
 }
 
 }  // namespace
 
-// Contiguous, same-shape, non-empty inputs of one dtype (float32, bfloat16 or float16) on the
-// current device: swiglu.cpp checks all of it before calling.
+// Same-shape, non-empty operands of one dtype (float32, bfloat16 or float16) on the current
+// device, each contiguous or a (rows, cols) view with contiguous rows (swiglu.cpp checks all of
+// it before calling).
 cudaError_t swiglu_forward_cuda(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
-  const bool vec = aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());  // out is fresh: aligned
   switch (g.scalar_type()) {
-    case at::kBFloat16: forward_packed<c10::BFloat16>(g, u, out, vec); break;
-    case at::kHalf: forward_packed<c10::Half>(g, u, out, vec); break;
-    default: forward_packed<float>(g, u, out, vec); break;
+    case at::kBFloat16: forward_packed<c10::BFloat16>(g, u, out); break;
+    case at::kHalf: forward_packed<c10::Half>(g, u, out); break;
+    default: forward_packed<float>(g, u, out); break;
   }
   return cudaGetLastError();
 }
 
 cudaError_t swiglu_backward_cuda(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& d_gate,
                                  at::Tensor& d_up) {
-  const bool vec = aligned(dy.const_data_ptr()) && aligned(g.const_data_ptr()) && aligned(u.const_data_ptr());
   switch (g.scalar_type()) {
-    case at::kBFloat16: backward_packed<c10::BFloat16>(dy, g, u, d_gate, d_up, vec); break;
-    case at::kHalf: backward_packed<c10::Half>(dy, g, u, d_gate, d_up, vec); break;
-    default: backward_packed<float>(dy, g, u, d_gate, d_up, vec); break;
+    case at::kBFloat16: backward_packed<c10::BFloat16>(dy, g, u, d_gate, d_up); break;
+    case at::kHalf: backward_packed<c10::Half>(dy, g, u, d_gate, d_up); break;
+    default: backward_packed<float>(dy, g, u, d_gate, d_up); break;
   }
   return cudaGetLastError();
 }

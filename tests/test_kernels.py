@@ -5,6 +5,7 @@ agree to about one unit in the last place of the output dtype: float32 within 1e
 bfloat16 within 1e-2, float16 within 2e-3 (1 ulp is at most 7.8e-3 and 9.8e-4 relative). Every
 CUDA variant runs on a GPU and is skipped on CPU with the reason.
 """
+import contextlib
 import math
 import time
 import zlib
@@ -23,7 +24,8 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
     torch.float64: dict(rtol=1e-12, atol=1e-14),
 }
-OPS = ("swiglu", "swiglu_backward", "rope_kv_append")
+OPS = ("swiglu", "swiglu_backward", "swiglu_packed", "swiglu_packed_backward", "rope_kv_append",
+       "cross_entropy_fwd_bwd")
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +180,61 @@ def test_swiglu_non_contiguous_and_misaligned_inputs(device, dtype):
         exp_gate, exp_up = swiglu_backward_float64(grad, gate, up)
         torch.testing.assert_close(d_gate, exp_gate.to(dtype), **TOL[dtype], msg=name)
         torch.testing.assert_close(d_up, exp_up.to(dtype), **TOL[dtype], msg=name)
+
+
+# (leading dims, H): the base model's width (16-byte rows); an odd width (1-element packs).
+PACKED_SHAPES = [((3, 5), 2816), ((2, 3), 37), ((7,), 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, H", PACKED_SHAPES)
+def test_swiglu_reads_the_halves_of_a_packed_tensor_in_place(device, dtype, lead, H):
+    """gate and up as row-strided views [..., :H] and [..., H:] of one (..., 2H) tensor, and of a
+    wider one at an odd column offset (misaligned rows)."""
+    packed = (2 * torch.randn(*lead, 2 * H, device=device)).to(dtype)
+    wide = (2 * torch.randn(*lead, 2 * H + 3, device=device)).to(dtype)
+    grad = torch.randn(*lead, H, device=device).to(dtype)
+    views = {"packed": (packed[..., :H], packed[..., H:]), "offset": (wide[..., 1:H + 1], wide[..., H + 2:2 * H + 2])}
+    for name, (gate, up) in views.items():
+        assert not gate.is_contiguous() and gate.stride(-1) == 1, name
+        torch.testing.assert_close(torch.ops.optimus.swiglu(gate, up), optimus.swiglu_ref(gate, up), **TOL[dtype], msg=name)
+        d_gate, d_up = torch.ops.optimus.swiglu_backward(grad, gate, up)
+        exp_gate, exp_up = swiglu_backward_float64(grad, gate, up)
+        torch.testing.assert_close(d_gate, exp_gate.to(dtype), **TOL[dtype], msg=name)
+        torch.testing.assert_close(d_up, exp_up.to(dtype), **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, H", PACKED_SHAPES)
+def test_swiglu_packed_forward_and_one_packed_gradient(device, dtype, lead, H):
+    gate_up = (2 * torch.randn(*lead, 2 * H, device=device)).to(dtype).requires_grad_()
+    grad = torch.randn(*lead, H, device=device).to(dtype)
+    out = optimus.swiglu_packed(gate_up, impl="ext")
+    assert out.shape == (*lead, H) and out.is_contiguous()
+    torch.testing.assert_close(out, optimus.swiglu_packed_ref(gate_up), **TOL[dtype])
+    (d_gate_up,) = torch.autograd.grad(out, gate_up, grad)
+    exp_gate, exp_up = swiglu_backward_float64(grad, gate_up[..., :H], gate_up[..., H:])
+    assert d_gate_up.shape == gate_up.shape
+    torch.testing.assert_close(d_gate_up, torch.cat([exp_gate, exp_up], -1).to(dtype), **TOL[dtype])
+    # A packed input that is itself a row view (a wider buffer's first 2H columns).
+    wide = torch.randn(*lead, 2 * H + 8, device=device).to(dtype)
+    torch.testing.assert_close(torch.ops.optimus.swiglu_packed(wide[..., :2 * H]),
+                               optimus.swiglu_packed_ref(wide[..., :2 * H]), **TOL[dtype])
+
+
+def test_swiglu_packed_float64_gradcheck_and_opcheck():
+    gate_up = torch.randn(3, 2 * 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.optimus.swiglu_packed, (gate_up,))
+    x = torch.randn(3, 2 * 17, requires_grad=True)
+    torch.library.opcheck(torch.ops.optimus.swiglu_packed, (x,))
+    torch.library.opcheck(torch.ops.optimus.swiglu_packed_backward, (torch.randn(3, 17), x.detach()))
+
+
+def test_swiglu_packed_rejects_an_odd_width():
+    with pytest.raises(RuntimeError, match="2H"):
+        torch.ops.optimus.swiglu_packed(torch.randn(4, 7))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -389,6 +446,209 @@ def test_rope_kv_append_rejects_bad_arguments_with_a_message(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_kv_append_opcheck(device):
     torch.library.opcheck(torch.ops.optimus.rope_kv_append, tuple(rope_inputs(2, 3, 4, 2, 16, 8, device, torch.float32)))
+
+
+# ----------------------------------------------------------------------------- cross-entropy (the LM head's loss)
+
+IGNORE = optimus.IGNORE_INDEX
+# (rows, cols, vocab): one row; odd rows and a padded vocabulary not a multiple of a pack; the
+# GPT-2 vocabulary padded to 50304, as the model has it; cols not a multiple of 8 (1-element packs).
+CE_SHAPES = [(1, 64, 64), (37, 128, 100), (5, 50304, 50257), (9, 203, 201)]
+
+
+def ce_inputs(rows, cols, vocab, device, dtype):
+    logits = (4 * torch.randn(rows, cols, device=device)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    if rows > 2:
+        targets[1] = IGNORE
+        targets[-1] = vocab - 1  # the last real column
+    return logits, targets
+
+
+def ce_float64(logits, targets, scale, vocab):
+    """Loss and gradient of each row, written out in float64: the independent reference."""
+    x = logits[:, :vocab].double()
+    lse = torch.logsumexp(x, dim=-1)
+    keep = targets != IGNORE
+    safe = torch.where(keep, targets, 0)
+    loss = torch.where(keep, lse - x[torch.arange(len(x)), safe], 0.0)
+    grad = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
+    onehot = torch.nn.functional.one_hot(safe, logits.shape[1])[:, :vocab].double()
+    grad[:, :vocab] = (torch.exp(x - lse[:, None]) - onehot) * scale * keep[:, None]
+    return loss, grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CE_SHAPES)
+def test_cross_entropy_op_matches_reference(device, dtype, shape):
+    logits, targets = ce_inputs(*shape, device, dtype)
+    scale = torch.tensor([0.37], device=device)
+    exp_loss, exp_grad = ce_float64(logits, targets, 0.37, shape[2])
+    for impl in ("ext", "ref"):
+        x = logits.clone()
+        loss = optimus.cross_entropy_fwd_bwd(x, targets, scale, shape[2], impl=impl)
+        assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+        torch.testing.assert_close(loss, exp_loss.float(), rtol=1e-5, atol=1e-5, msg=impl)
+        # The gradient, rounded once to the logits' dtype; padded columns and ignored rows exactly 0.
+        torch.testing.assert_close(x, exp_grad.to(dtype), **TOL[dtype], msg=impl)
+        assert torch.all(x[:, shape[2]:] == 0) and (shape[0] < 3 or torch.all(x[1] == 0)), impl
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_op_misaligned_rows_and_extreme_logits(device):
+    """A view at an odd offset (1-element packs), huge and tiny logits, a row of one hot logit."""
+    base = torch.randn(4 * 72 + 1, device=device)
+    x = base[1:].view(4, 72)
+    x[0, 5] = 80.0         # softmax saturates at the target's neighbour
+    x[1] = -1e4            # every logit very negative
+    x[2, :] = 0.0          # uniform
+    targets = torch.tensor([7, 0, 70, IGNORE], device=device)
+    exp_loss, exp_grad = ce_float64(x, targets, 1.0, 71)
+    loss = torch.ops.optimus.cross_entropy_fwd_bwd(x, targets, torch.ones(1, device=device), 71)
+    torch.testing.assert_close(loss, exp_loss.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x, exp_grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_op_bad_target_raises_on_cpu_before_writing():
+    logits, targets = ce_inputs(6, 64, 50, "cpu", torch.float32)
+    targets[4] = 50  # a padded column: not a real token
+    for impl in ("ext", "ref"):
+        x = logits.clone()
+        with pytest.raises(IndexError, match="outside"):
+            optimus.cross_entropy_fwd_bwd(x, targets, torch.ones(1), 50, impl=impl)
+        assert torch.equal(x, logits), impl
+
+
+@requires_cuda
+def test_cross_entropy_op_bad_target_gives_nan_on_cuda():
+    logits, targets = ce_inputs(6, 64, 50, "cuda", torch.float32)
+    targets[4] = -3
+    loss = torch.ops.optimus.cross_entropy_fwd_bwd(logits, targets, torch.ones(1, device="cuda"), 50)
+    assert torch.isnan(loss[4]) and torch.isfinite(loss[torch.arange(6, device="cuda") != 4]).all()
+    assert torch.all(logits[4] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_op_rejects_bad_arguments_with_a_message(device):
+    logits, targets = ce_inputs(4, 64, 60, device, torch.float32)
+    one = torch.ones(1, device=device)
+    op = torch.ops.optimus.cross_entropy_fwd_bwd
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(logits.t(), targets, one, 4)
+    with pytest.raises(RuntimeError, match="targets must have shape"):
+        op(logits, targets[:3], one, 60)
+    with pytest.raises(RuntimeError, match="int64"):
+        op(logits, targets.int(), one, 60)
+    with pytest.raises(RuntimeError, match="scale"):
+        op(logits, targets, one.double(), 60)
+    with pytest.raises(RuntimeError, match="vocab_size"):
+        op(logits, targets, one, 65)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_op_opcheck(device):
+    logits, targets = ce_inputs(5, 64, 60, device, torch.float32)
+    torch.library.opcheck(torch.ops.optimus.cross_entropy_fwd_bwd, (logits, targets, torch.ones(1, device=device), 60))
+
+
+# (tokens, chunk): one chunk; a chunk edge that leaves one token over; exactly two chunks; a chunk
+# of one token.
+LCE_CASES = [(7, 8192), (33, 8), (64, 32), (5, 1)]
+
+
+def head_loss(h, weight, targets, vocab, reduction):
+    """F.cross_entropy on head(h)[..., :vocab] in float32: what the fused path replaces."""
+    logits = torch.nn.functional.linear(h, weight)[..., :vocab].float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens, chunk", LCE_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_matches_f_cross_entropy_float32(device, tokens, chunk, reduction, no_tf32):
+    vocab, padded, dim = 201, 256, 48
+    h = torch.randn(1, tokens, dim, device=device, requires_grad=True)
+    weight = (0.3 * torch.randn(padded, dim, device=device)).requires_grad_()
+    targets = torch.randint(0, vocab, (1, tokens), device=device)
+    targets[0, ::3] = IGNORE
+    expected = head_loss(h, weight, targets, vocab, reduction)
+    exp_h, exp_w = torch.autograd.grad(expected, (h, weight))
+    for impl in ("ext", "ref"):
+        loss = optimus.linear_cross_entropy(h, weight, targets, vocab, reduction, impl=impl, chunk=chunk)
+        got_h, got_w = torch.autograd.grad(2.5 * loss, (h, weight))  # the backward scales by its grad
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6, msg=impl)
+        torch.testing.assert_close(got_h, 2.5 * exp_h, rtol=1e-5, atol=1e-6, msg=impl)
+        torch.testing.assert_close(got_w, 2.5 * exp_w, rtol=1e-5, atol=1e-6, msg=impl)
+        assert torch.all(got_w[vocab:] == 0), impl  # padded rows of the head get no gradient
+    spec = optimus.linear_cross_entropy_ref(h, weight, targets, vocab, reduction)
+    torch.testing.assert_close(spec, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_bf16(device):
+    """bf16 matmuls (autocast on CUDA, bf16 tensors on CPU): against F.cross_entropy on the
+    float32 of the same bf16 logits. Loss within 1e-3 relative (the float32 log-sum-exp sees the
+    same numbers); gradients within bf16's rounding of the gradient logits (1e-2)."""
+    vocab, padded, dim, tokens = 1000, 1024, 64, 70
+    h32 = torch.randn(2, tokens // 2, dim, device=device)
+    w32 = 0.2 * torch.randn(padded, dim, device=device)
+    targets = torch.randint(0, vocab, (2, tokens // 2), device=device)
+    targets[:, :4] = IGNORE
+    cuda = device == "cuda"
+    h = (h32 if cuda else h32.bfloat16()).requires_grad_()
+    w = (w32 if cuda else w32.bfloat16()).requires_grad_()
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with context:
+        expected = head_loss(h, w, targets, vocab, "mean")
+        loss = optimus.linear_cross_entropy(h, w, targets, vocab, "mean", impl="ext", chunk=16)
+    exp_h, exp_w = torch.autograd.grad(expected, (h, w))
+    got_h, got_w = torch.autograd.grad(loss, (h, w))
+    assert loss.dtype == torch.float32 and got_h.dtype == h.dtype and got_w.dtype == w.dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-3)
+    for got, exp in ((got_h, exp_h), (got_w, exp_w)):
+        assert float((got.float() - exp.float()).norm() / exp.float().norm()) < 1e-2
+
+
+def test_linear_cross_entropy_float64_gradcheck_on_cpu():
+    """The gradients made in the forward (through the CPU kernel, float64) against finite differences."""
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, IGNORE, 12, 1, 11, 4])
+    for reduction in ("mean", "sum"):
+        fn = lambda h, w: optimus.linear_cross_entropy(h, w, targets, 13, reduction, impl="ext", chunk=3)
+        assert torch.autograd.gradcheck(fn, (h, weight))
+
+
+def test_linear_cross_entropy_all_ignored_gives_zero_mean_and_no_gradient():
+    h = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(64, 8, requires_grad=True)
+    targets = torch.full((4,), IGNORE)
+    for impl in ("ext", "ref"):
+        loss = optimus.linear_cross_entropy(h, weight, targets, 60, impl=impl)
+        assert float(loss) == 0.0
+        assert all(torch.all(g == 0) for g in torch.autograd.grad(loss, (h, weight)))
+    assert float(optimus.linear_cross_entropy_ref(h, weight, targets, 60)) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_loss_compiles_and_equals_eager(device, no_tf32):
+    """Transformer.forward(tokens, targets) under torch.compile: the fused loss runs eagerly after a
+    graph break, and gives the eager model's loss and gradients."""
+    ref, ext = model_pair(device)
+    tokens = torch.randint(0, ref.cfg.vocab_size, (2, 17), device=device)
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = IGNORE
+    compiled = torch.compile(ext, backend="aot_eager")
+    results = []
+    for fn in (ref, compiled):
+        loss = fn(tokens, targets)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(ext.parameters()) if fn is compiled
+                                                           else list(ref.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0], **MODEL_TOL[device])
+    for got, exp in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, exp, **MODEL_TOL[device])
 
 
 # ----------------------------------------------------------------------------- the model on either implementation

@@ -102,8 +102,9 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path, data_dir):
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(key)] == logged, key
 
 
-def test_resume_continues_bit_for_bit(tmp_path, data_dir):
-    common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3)
+@pytest.mark.parametrize("impl", ["ref", "ext"])
+def test_resume_continues_bit_for_bit(tmp_path, data_dir, impl):
+    common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3, impl=impl)
     optimus.train(*configs(tmp_path / "a", data_dir, **common))
     straight = torch.load(tmp_path / "a" / "ckpt" / "latest.pt", weights_only=True)
 
@@ -122,6 +123,41 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
     curve_a = [r["train_loss"] for r in metrics(tmp_path / "a") if "train_loss" in r]
     curve_b = [r["train_loss"] for r in metrics(tmp_path / "b") if "train_loss" in r]
     assert curve_a == curve_b
+
+
+def test_fused_loss_training_follows_the_reference_path(tmp_path, data_dir):
+    """impl=ext (the fused linear + cross-entropy, and the extension's other kernels) against
+    impl=ref (F.cross_entropy on the full logits): same seed, 30 steps, every step's loss."""
+    curves = {}
+    for impl in ("ref", "ext"):
+        optimus.train(*configs(tmp_path / impl, data_dir, impl=impl, max_steps=30, eval_interval=15))
+        curves[impl] = [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(tmp_path / impl)]
+    assert len([row for row in curves["ref"] if row[1] is not None]) == 30
+    assert [row[0] for row in curves["ext"]] == [row[0] for row in curves["ref"]]
+    for (step, train_a, val_a), (_, train_b, val_b) in zip(curves["ref"], curves["ext"]):
+        for a, b in ((train_a, train_b), (val_a, val_b)):
+            assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4), (step, a, b)
+    assert curves["ext"][-1][2] < curves["ext"][0][1] - 2  # and it learned
+
+
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(tmp_path, data_dir):
+    """The fused AdamW step that divides by the clip factor (CUDA's path) against clip_grad_norm_
+    followed by the foreach step (the CPU path), here both on the CPU, with a clip low enough to
+    act at every step (a run without the clip ends elsewhere)."""
+    params = {}
+    for name, fused, clip in (("foreach", False, 0.05), ("fused", True, 0.05), ("unclipped", False, 0.0)):
+        trainer = optimus.Trainer(*configs(tmp_path / name, data_dir, max_steps=4, gradient_clip_val=clip))
+        if fused:
+            groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                      for g in trainer.optimizer.param_groups]
+            trainer.optimizer = torch.optim.AdamW(groups, fused=True)
+        batches = iter(optimus.train_loader(trainer.windows, 0, 4, 0, pin=False))
+        for _ in range(4):
+            trainer.train_step(batches)
+            trainer.step += 1
+        params[name] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    torch.testing.assert_close(params["fused"], params["foreach"], rtol=1e-5, atol=1e-6)
+    assert (params["unclipped"] - params["foreach"]).abs().max() > 1e-3
 
 
 def test_resume_refuses_a_different_data_order(tmp_path, data_dir):
@@ -292,3 +328,19 @@ def test_more_workers_than_cpus_are_lowered_with_one_note(monkeypatch, capsys):
     assert capsys.readouterr().out == "note: num_workers 4 is more than the 2 CPUs here: using 2\n"
     assert (optimus.loader_workers(2), optimus.loader_workers(0), optimus.loader_workers(4, say=False)) == (2, 0, 2)
     assert capsys.readouterr().out == ""
+
+
+@requires_cuda
+def test_cuda_fused_loss_training_follows_the_reference_path(tmp_path, data_dir):
+    """On the GPU, under bf16 autocast: both paths round their matmuls to bf16 in different places
+    (the fused path rounds the logits' gradient, the reference its float32 copy), so the curves
+    agree to bf16 noise, not to 1e-4."""
+    curves = {}
+    for impl in ("ref", "ext"):
+        optimus.train(*configs(tmp_path / impl, data_dir, device="cuda", impl=impl, compile="false",
+                               max_steps=30, eval_interval=30))
+        curves[impl] = [r["train_loss"] for r in metrics(tmp_path / impl) if "train_loss" in r]
+    assert len(curves["ref"]) == len(curves["ext"]) == 30
+    for step, (a, b) in enumerate(zip(curves["ref"], curves["ext"])):
+        assert abs(a - b) < 2e-2 * a, (step, a, b)
+    assert curves["ext"][-1] < curves["ext"][0] - 2
