@@ -6,6 +6,7 @@ data loading -> trainer -> sampler -> export -> CLI.
     python optimus.py train  [--preset NAME] [--FIELD VALUE ...]
     python optimus.py sample [--ckpt PATH] [--prompt TEXT] ...
     python optimus.py export --ckpt PATH --out DIR
+    python optimus.py serve  [--ckpt PATH] [--host 127.0.0.1] [--port 8000] ...
 """
 from __future__ import annotations
 
@@ -1161,6 +1162,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return (probs / race).argmax(-1)
 
 
+class CacheRows:
+    """One row of a KVCache as (1, KV, S, hd) views: writes through `update` land in that row only."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.k, self.v, self.status = cache.k[row: row + 1], cache.v[row: row + 1], cache.status
+
+    update = KVCache.update  # the same rotary + append, into the views
+
+
 class Decoder:
     """A model with static KV caches for `batch` sequences: prefill, then one token per step.
 
@@ -1207,6 +1217,21 @@ class Decoder:
         pos = torch.arange(T, device=tokens.device).expand(B, T)                  # (B, T)
         h = self.model.hidden(tokens, pos, self.caches)                            # (B, T, dim)
         return self.model.logits(h[torch.arange(B, device=tokens.device), lengths - 1])
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Prefill cache rows `rows` only (the others may be mid-answer): tokens (n, T) right-padded,
+        lengths (n,) -> (n, V) next-token logits. Each row runs alone, through views of its cache
+        row, so a row's logits do not depend on what else is in the batch (the server's continuous
+        batching relies on that: an answer equals the same request's answer alone)."""
+        n, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device)[None]                         # (1, T)
+        out = []
+        for i, row in enumerate(rows):
+            views = [CacheRows(c, row) for c in self.caches]
+            h = self.model.hidden(tokens[i: i + 1], pos, views)                    # (1, T, dim)
+            out.append(self.model.logits(h[:, int(lengths[i]) - 1]))              # (1, V)
+        return torch.cat(out)                                                      # (n, V)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -1689,15 +1714,26 @@ EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
     "out": (str, None, "output directory for the Hugging Face model"),
     "force": (bool, False, "replace an earlier export in --out"),
 }
+SERVE_FLAGS: dict[str, tuple[type, object, str]] = {
+    "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),
+    "host": (str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)"),
+    "port": (int, 8000, "TCP port (0: any free port)"),
+    "max_batch": (int, 32, "requests decoded together (KV-cache rows); more wait in a queue"),
+    "max_queue": (int, 256, "requests waiting for a free row; one more gets HTTP 503"),
+    "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
+    "impl": (str, "auto", "fused kernels: auto | ext | ref"),
+    "compile": (bool, False, "torch.compile the one-token step: faster decoding after a slow start"),
+}
 
 
 def usage() -> str:
     lines = [
-        "usage: python optimus.py {train,sample,export} [--FIELD VALUE ...]",
+        "usage: python optimus.py {train,sample,export,serve} [--FIELD VALUE ...]",
         "",
         "  train    train a model: [--preset NAME] and any config field below",
         "  sample   generate text from a checkpoint (interactive without --prompt)",
         "  export   write a checkpoint in the Hugging Face Llama format",
+        "  serve    serve a checkpoint: OpenAI-compatible HTTP API and a chat page",
         "",
         f"presets: {', '.join(PRESETS)}",
     ]
@@ -1705,7 +1741,7 @@ def usage() -> str:
         lines += ["", f"{title} (train --FIELD VALUE):"]
         for f in dataclasses.fields(cls):
             lines.append(f"  --{f.name:<22} {f.default!s:<32} {f.metadata['help']}")
-    for title, flags in (("sample", SAMPLE_FLAGS), ("export", EXPORT_FLAGS)):
+    for title, flags in (("sample", SAMPLE_FLAGS), ("export", EXPORT_FLAGS), ("serve", SERVE_FLAGS)):
         lines += ["", f"{title}:"]
         for name, (_, default, help_text) in flags.items():
             lines.append(f"  --{name:<22} {default!s:<32} {help_text}")
@@ -1737,14 +1773,27 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    """Serve a checkpoint over HTTP: the OpenAI API and a chat page (serve.py)."""
+    args = command_flags(argv, SERVE_FLAGS)
+    if args["max_batch"] < 1 or args["max_queue"] < 1:
+        raise UserError("--max_batch and --max_queue must be at least 1")
+    if not 0 <= args["port"] <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args['port']}")
+    if args["impl"] not in ("auto", "ext", "ref"):
+        raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
+    import serve  # the HTTP server is its own module; train/sample never import it
+    return serve.run(**args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export}
+    commands = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "serve": cmd_serve}
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] not in commands:
-        print(f"error: unknown command '{argv[0]}': use train, sample or export (see --help)", file=sys.stderr)
+        print(f"error: unknown command '{argv[0]}': use train, sample, export or serve (see --help)", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(usage())
