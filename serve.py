@@ -195,12 +195,15 @@ def parse_job(body: dict, chat: bool, enc, template: dict | None, max_seq_len: i
         param = "messages"
     else:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string", "prompt")
-        # An empty prompt starts a new document: the model's own <|endoftext|> separator.
-        job.prompt = enc.encode_ordinary(prompt) or [optimus.EOT_ID]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            # An empty prompt starts a new document: the model's own <|endoftext|> separator.
+            job.prompt = enc.encode_ordinary(prompt) or [optimus.EOT_ID]
+        elif (isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < enc.n_vocab for t in prompt)):
+            job.prompt = list(prompt)  # token ids, as OpenAI's API also takes them
+        else:
+            raise ApiError(400, f"'prompt' must be one string or one list of token ids in [0, {enc.n_vocab})", "prompt")
         param = "prompt"
         if len(job.prompt) > budget:
             job.prompt = []
@@ -411,6 +414,7 @@ class ClientGone(Exception):
 class Server(ThreadingHTTPServer):
     """The HTTP server; `engine` is None while the model loads (then /health and the API say 503)."""
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: socketserver's 5 reset connections when 32 clients connect at once
 
     def __init__(self, address: tuple[str, int], log_requests: bool = True):
         super().__init__(address, Handler)

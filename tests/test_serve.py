@@ -268,6 +268,8 @@ BAD_REQUESTS = [  # (method, path, body, status, param, code)
     ("POST", "/v1/completions", b'{"prompt": "hi", ', 400, None, None),                        # malformed JSON
     ("POST", "/v1/completions", b'["prompt"]', 400, None, None),                                # not an object
     ("POST", "/v1/completions", {"prompt": 3}, 400, "prompt", None),
+    ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", None),       # a batch: n prompts
+    ("POST", "/v1/completions", {"prompt": [1, 50257]}, 400, "prompt", None),       # not a token id
     ("POST", "/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", None),
     ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens", None),
     ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
