@@ -23,7 +23,7 @@ from conftest import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e '.[test]'")
 
-MAX_SEQ_LEN = 256
+MAX_SEQ_LEN = 1024  # room for answers long enough to be cut off mid-way, even on a fast machine
 TIMEOUT_S = 60  # every request, and every wait for the server, is bounded by this
 
 
@@ -111,6 +111,14 @@ def raw_request(server, method, path, body=None, headers=None):
         return response.status, json.loads(response.read())
     finally:
         conn.close()
+
+
+def open_request(server, path, body):
+    """A socket that has sent one POST and reads nothing (yet)."""
+    conn = socket.create_connection(server.server_address[:2], timeout=TIMEOUT_S)
+    conn.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return conn
 
 
 def wait_until(condition, what):
@@ -241,10 +249,8 @@ def test_eight_concurrent_requests_equal_each_alone(server, client, enc):
 
 
 def test_disconnected_stream_is_cancelled_and_frees_its_slot(server, client):
-    conn = socket.create_connection(server.server_address[:2], timeout=TIMEOUT_S)
     body = json.dumps({"prompt": "Go on", "max_tokens": MAX_SEQ_LEN - 10, "temperature": 0, "stream": True}).encode()
-    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    conn = open_request(server, "/v1/completions", body)
     received = b""
     while received.count(b"data: ") < 4:
         chunk = conn.recv(4096)
@@ -334,18 +340,19 @@ def test_health_says_loading_then_ok_and_a_full_queue_answers_503(checkpoint):
 
         # One long request in the only slot, one waiting in the queue of 1: the third is refused.
         long = json.dumps({"prompt": "a", "max_tokens": MAX_SEQ_LEN - 2, "temperature": 0}).encode()
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(raw_request(server, "POST", "/v1/completions", long)))
-                   for _ in range(2)]
-        threads[0].start()
+        first = open_request(server, "/v1/completions", long)
         wait_until(lambda: server.engine.busy() == 1, "the first request to take the slot")
-        threads[1].start()
+        second = open_request(server, "/v1/completions", long)
         wait_until(lambda: server.engine.waiting.qsize() == 1, "the second request to queue")
         status, reply = raw_request(server, "POST", "/v1/completions", long)
         assert status == 503 and reply["error"]["code"] == "queue_full"
-        for t in threads:
-            t.join(TIMEOUT_S)
-        assert [r[0] for r in results] == [200, 200]
+        # Both clients give up without reading a byte: the running job and the waiting one end.
+        first.close()
+        second.close()
+        wait_until(lambda: len(server.engine.done) == 2, "both abandoned requests to end")
+        assert [j.finish for j in server.engine.done] == ["cancelled", "cancelled"]
+        assert server.engine.busy() == 0 and server.engine.waiting.qsize() == 0
+        assert raw_request(server, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 3}')[0] == 200
     finally:
         stop_server(server)
 
@@ -427,5 +434,19 @@ def test_page_streams_an_answer_in_a_headless_browser(server, client, tmp_path):
         assert text == expected.choices[0].message.content and text
         assert chunks > 1  # the answer arrived piece by piece
         assert driver.find_element(By.CSS_SELECTOR, ".user").text == question
+
+        # A long answer, stopped by the button: the server cancels it and frees its slot.
+        box = driver.find_element(By.ID, "max_tokens")
+        box.clear()
+        box.send_keys(str(MAX_SEQ_LEN - 100))
+        driver.find_element(By.ID, "prompt").send_keys("Tell me more.")
+        driver.find_element(By.ID, "send").click()
+        last = "const a = document.querySelectorAll('.assistant'); return a.length == 2 && a[1]"
+        WebDriverWait(driver, TIMEOUT_S, poll_frequency=0.02).until(
+            lambda d: d.execute_script(last + " && Number(a[1].dataset.chunks) >= 2"))
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: "(stopped)" in d.find_element(By.ID, "log").text)
+        wait_until(lambda: server.engine.busy() == 0, "the stopped answer's slot to be freed")
+        assert server.engine.done[-1].finish == "cancelled"
     finally:
         driver.quit()
