@@ -93,7 +93,8 @@ def _stops(value) -> list[str]:
 # Parameters that would change what an answer means; refused rather than silently ignored.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
                "best_of": (None, 1), "tools": (None, []), "functions": (None, []), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -300,31 +301,38 @@ class Engine:
                 self._finish(row, "error", message="the server is shutting down")
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":  # a new thread starts on cuda:0, whatever --device said
+            torch.cuda.set_device(self.device)
         while not self.stopping.is_set():
-            for row, slot in enumerate(self.slots):
-                if slot is not None and slot.job.cancelled.is_set():
-                    self._finish(row, "cancelled")
-            self._admit()
-            rows = [row for row, slot in enumerate(self.slots) if slot is not None]
-            if not rows:
-                continue
-            self.peak_busy = max(self.peak_busy, len(rows))
-            # Free rows step too (the step has a static shape): they write their own cache row at
-            # position 0, which the next prefill into that row overwrites before anything reads it.
-            tokens = [s.token if s else optimus.EOT_ID for s in self.slots]
-            pos = [s.pos if s else 0 for s in self.slots]
             try:
-                logits = self.decoder.step(torch.tensor(tokens, device=self.device),
-                                           torch.tensor(pos, device=self.device))          # (B, V)
-                index = torch.tensor(rows, device=self.device)
-                chosen = self._sample([self.slots[r] for r in rows], logits[index])
-            except Exception:  # e.g. out of memory: these jobs fail, the server goes on
+                self._turn()
+            except Exception:  # e.g. out of memory: the jobs in the batch fail, the server goes on
+                traceback.print_exc()
                 message = traceback.format_exc(limit=1).strip().splitlines()[-1]
-                for row in rows:
-                    self._finish(row, "error", message=message)
-                continue
-            for row, token in zip(rows, chosen):
-                self._advance(row, token)
+                for row, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(row, "error", message=message)
+
+    def _turn(self) -> None:
+        """One turn of the loop: drop cancelled jobs, admit waiting ones, one decode step for all."""
+        for row, slot in enumerate(self.slots):
+            if slot is not None and slot.job.cancelled.is_set():
+                self._finish(row, "cancelled")
+        self._admit()
+        rows = [row for row, slot in enumerate(self.slots) if slot is not None]
+        if not rows:
+            return
+        self.peak_busy = max(self.peak_busy, len(rows))
+        # Free rows step too (the step has a static shape): they write their own cache row at
+        # position 0, which the next prefill into that row overwrites before anything reads it.
+        tokens = [s.token if s else optimus.EOT_ID for s in self.slots]
+        pos = [s.pos if s else 0 for s in self.slots]
+        logits = self.decoder.step(torch.tensor(tokens, device=self.device),
+                                   torch.tensor(pos, device=self.device))                   # (B, V)
+        index = torch.tensor(rows, device=self.device)
+        chosen = self._sample([self.slots[r] for r in rows], logits[index])
+        for row, token in zip(rows, chosen):
+            self._advance(row, token)
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free slots; when nothing runs, wait a little for one."""
@@ -353,7 +361,7 @@ class Engine:
                 tokens[0, : len(job.prompt)] = torch.tensor(job.prompt)
                 logits = self.decoder.prefill_rows([row], tokens.to(self.device), torch.tensor([len(job.prompt)]))
                 token = self._sample([self.slots[row]], logits)[0]
-            except Exception:
+            except Exception:  # a prefill that fails (a long prompt out of memory) fails its job only
                 self._finish(row, "error", message=traceback.format_exc(limit=1).strip().splitlines()[-1])
                 continue
             self._advance(row, token)

@@ -293,6 +293,8 @@ BAD_REQUESTS = [  # (method, path, body, status, param, code)
     ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
     ("POST", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
     ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 3}, 400, "logprobs", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                      "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ("POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ("GET", "/v1/models/gpt-4o", None, 404, "model", "model_not_found"),
     ("POST", "/v1/embeddings", {"input": "hi"}, 404, None, "not_found"),
@@ -325,6 +327,26 @@ def test_openai_client_sees_a_bad_request_error(server, client):
         client.completions.create(model=server.model_name, prompt="hi", top_p=3)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_failing_generation_answers_500_and_the_server_goes_on(server, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(server.engine.decoder, "prefill_rows", broken)
+    for stream in (False, True):
+        body = json.dumps({"prompt": "hi", "max_tokens": 3, "stream": stream}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=TIMEOUT_S)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        conn.close()
+        if stream:  # the status was sent before the failure: the error arrives as an event
+            assert response.status == 200 and "simulated" in json.loads(text.split("data: ")[1])["error"]["message"]
+        else:
+            assert response.status == 500 and "simulated" in json.loads(text)["error"]["message"]
+    monkeypatch.undo()
+    status, reply = raw_request(server, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 3}')
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3
 
 
 def test_health_says_loading_then_ok_and_a_full_queue_answers_503(checkpoint):
