@@ -581,12 +581,22 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def events(self, job: Job):
-        """The job's events as they come; raises ClientGone (and cancels the job) when the client left."""
+        """The job's events as they come; raises ClientGone (and cancels the job) when the client left.
+        Text events already waiting are merged into one: a handler that fell behind (many clients,
+        one GIL) catches up with one chunk and one write instead of one per token."""
+        pending = None
         while True:
             try:
-                event = job.events.get(timeout=POLL_S)
+                event = pending or job.events.get(timeout=POLL_S)
             except queue.Empty:
                 event = None
+            pending = None
+            while event is not None and event[0] == "text" and not job.events.empty():
+                following = job.events.get_nowait()
+                if following[0] != "text":
+                    pending = following
+                    break
+                event = ("text", event[1] + following[1])
             if self.client_gone():
                 job.cancelled.set()
                 raise ClientGone()
