@@ -128,6 +128,35 @@ def wait_until(condition, what):
         time.sleep(0.02)
 
 
+# ----------------------------------------------------------------------------- the decoder
+
+
+def test_prefill_rows_fills_one_row_and_leaves_the_others(model):
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, optimus.EOT_ID, (n,)).tolist() for n in (7, 12)]
+    decoder = optimus.Decoder(model, 3)
+    first = decoder.prefill_rows([2], torch.tensor([prompts[0]]), torch.tensor([7]))
+    before = [(c.k.clone(), c.v.clone()) for c in decoder.caches]
+    # Row 0 joins later, with a padded prompt: rows 1 and 2 stay exactly as they were.
+    padded = torch.tensor([prompts[1] + [optimus.EOT_ID] * 4])
+    second = decoder.prefill_rows([0], padded, torch.tensor([12]))
+    for (k, v), c in zip(before, decoder.caches):
+        assert torch.equal(k[1:], c.k[1:]) and torch.equal(v[1:], c.v[1:])
+        assert not torch.equal(k[0], c.k[0])
+    # Decoding both rows on from there gives each prompt's own greedy continuation.
+    rows = {2: [int(first.argmax())], 0: [int(second.argmax())]}
+    lengths = {2: 7, 0: 12}
+    for i in range(9):
+        tokens = torch.tensor([rows[0][-1], optimus.EOT_ID, rows[2][-1]])
+        pos = torch.tensor([lengths[0] + i, 0, lengths[2] + i])
+        logits = decoder.step(tokens, pos)
+        rows[0].append(int(logits[0].argmax()))
+        rows[2].append(int(logits[2].argmax()))
+    for row, prompt in ((2, prompts[0]), (0, prompts[1])):
+        reference = greedy_reference(model, prompt, 10)
+        assert rows[row][: len(reference)] == reference
+
+
 # ----------------------------------------------------------------------------- the API
 
 
