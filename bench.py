@@ -2,6 +2,7 @@
 (ref) and torch.compile(ref) (compile), side by side in one run.
 
     python bench.py [--device cuda|cpu] [--json FILE] [--only SECTION[,SECTION...]]
+    python bench.py --only decode,serve     # the server under 1, 8, 32 clients beside the decode rows
 
 Sections are functions `device -> list[dict]`, one row per measurement; main() runs the chosen
 ones, prints each as a table and writes every row to --json. Timing: warm-up calls (which also
@@ -417,12 +418,114 @@ def bench_decode(device: torch.device) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- serving
+
+SERVE_CLIENTS = {"cuda": (1, 8, 32), "cpu": (1, 4, 8)}  # concurrent streaming clients per row
+
+
+def stream_completion(port: int, body: dict) -> tuple[float, int]:
+    """(seconds to the first chunk of text, completion tokens) of one streamed /v1/completions."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start, first, tokens = time.perf_counter(), None, 0
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"server answered {response.status}: {response.read()[:200]!r}")
+        for line in response:  # server-sent events: `data: {chunk}` lines, then `data: [DONE]`
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[len(b"data: "):])
+            if first is None and chunk["choices"]:
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        conn.close()
+    return first if first is not None else float("nan"), tokens
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least q of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def bench_serve(device: torch.device) -> list[dict]:
+    """`optimus.py serve` under load: 1, 8 and 32 concurrent clients, each streaming completions
+    of 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt, one after another.
+    Requests/s and completion tokens/s over the wall time of all requests, and the p50 / p99 time
+    from sending a request to its first text (the queue wait and prefill included). The server
+    runs in this process (its HTTP threads and the engine's loop), on 127.0.0.1, the default model
+    with random weights, bf16, ext kernels, 32 slots; on a CPU (a smoke run) the tiny model, 16 new
+    tokens and up to 8 clients. `errors`: requests that failed (they count in no other column)."""
+    import threading
+    import serve
+    cuda = device.type == "cuda"
+    preset, new_tokens = ("base", 256) if cuda else ("tiny", 16)
+    levels = SERVE_CLIENTS[device.type]
+    model_cfg, _ = optimus.make_configs(preset, impl="auto")
+    torch.manual_seed(0)
+    model = optimus.Transformer(model_cfg).to(device).eval()
+    if cuda:
+        model = model.to(optimus.resolve_runtime(str(device)).dtype)
+    impl = optimus.resolve_impl("auto", device)
+    server = serve.Server(("127.0.0.1", 0), log_requests=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.attach(serve.Engine(model, optimus.load_tokenizer(), max(levels)), "bench", None)
+    port = server.server_address[1]
+    prompt = torch.randint(0, optimus.EOT_ID, (16,)).tolist()
+
+    def load(clients: int, rounds: int, max_tokens: int) -> tuple[float, list[tuple[float, int]], list[str]]:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.9, "stream": True,
+                "stream_options": {"include_usage": True}}
+        results: list[tuple[float, int]] = []
+        errors: list[str] = []
+
+        def client() -> None:
+            for _ in range(rounds):
+                try:
+                    results.append(stream_completion(port, body))
+                except Exception as exc:  # counted and reported; the other clients go on
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start, results, errors
+
+    rows = []
+    try:
+        load(max(levels), 1, 8)  # warm-up: every slot, the prefill shape, the HTTP threads
+        for clients in levels:
+            rounds = max(2, 8 // clients) if cuda else 1
+            seconds, results, errors = load(clients, rounds, new_tokens)
+            for error in sorted(set(errors)):
+                print(f"warning: serve, {clients} clients: {errors.count(error)} x {error}", file=sys.stderr)
+            firsts = [r[0] for r in results]
+            tokens = sum(r[1] for r in results)
+            rows.append({"model": preset, "impl": impl, "max_batch": max(levels), "clients": clients,
+                         "requests": len(results), "errors": len(errors), "new_tokens": new_tokens,
+                         "requests/s": len(results) / seconds, "tokens/s": tokens / seconds,
+                         "ttft_p50_ms": percentile(firsts, 0.5) * 1e3, "ttft_p99_ms": percentile(firsts, 0.99) * 1e3,
+                         "tokens/s_vs_1_client": tokens / seconds / (rows[0]["tokens/s"] if rows else tokens / seconds)})
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.engine.stop()
+    return rows
+
+
 # ----------------------------------------------------------------------------- CLI
 
 SECTIONS: dict[str, Callable[[torch.device], list[dict]]] = {
     "kernels": bench_kernels,
     "train": bench_train,
     "decode": bench_decode,
+    "serve": bench_serve,
 }
 
 

@@ -7,6 +7,7 @@ data loading -> trainer -> sampler -> export -> CLI.
     python optimus.py sample [--ckpt PATH] [--prompt TEXT] ...
     python optimus.py export --ckpt PATH --out DIR
     python optimus.py eval   --ckpt PATH [--data_dir DIR | --input FILE] [--prompts FILE] [--json FILE]
+    python optimus.py serve  [--ckpt PATH] [--host 127.0.0.1] [--port 8000] ...
 """
 from __future__ import annotations
 
@@ -1837,6 +1838,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return (probs / race).argmax(-1)
 
 
+class CacheRows:
+    """One row of a KVCache as (1, KV, S, hd) views: writes through `update` land in that row only."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.k, self.v, self.status = cache.k[row: row + 1], cache.v[row: row + 1], cache.status
+
+    update = KVCache.update  # the same rotary + append, into the views
+
+
 class Decoder:
     """A model with static KV caches for `batch` sequences: prefill, then one token per step.
 
@@ -1883,6 +1893,21 @@ class Decoder:
         pos = torch.arange(T, device=tokens.device).expand(B, T)                  # (B, T)
         h = self.model.hidden(tokens, pos, self.caches)                            # (B, T, dim)
         return self.model.logits(h[torch.arange(B, device=tokens.device), lengths - 1])
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: list[int], tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Prefill cache rows `rows` only (the others may be mid-answer): tokens (n, T) right-padded,
+        lengths (n,) -> (n, V) next-token logits. Each row runs alone, through views of its cache
+        row, so a row's logits do not depend on what else is in the batch (the server's continuous
+        batching relies on that: an answer equals the same request's answer alone)."""
+        n, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device)[None]                         # (1, T)
+        out = []
+        for i, row in enumerate(rows):
+            views = [CacheRows(c, row) for c in self.caches]
+            h = self.model.hidden(tokens[i: i + 1], pos, views)                    # (1, T, dim)
+            out.append(self.model.logits(h[:, int(lengths[i]) - 1]))              # (1, V)
+        return torch.cat(out)                                                      # (n, V)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -2597,6 +2622,19 @@ EXPORT_FLAGS: dict[str, tuple[type, object, str]] = {
     "out": (str, None, "output directory for the Hugging Face model"),
     "force": (bool, False, "replace an earlier export in --out"),
 }
+SERVE_FLAGS: dict[str, tuple[type, object, str]] = {
+    "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),
+    "host": (str, "127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)"),
+    "port": (int, 8000, "TCP port (0: any free port)"),
+    "max_batch": (int, 32, "requests decoded together (KV-cache rows); more wait in a queue"),
+    "max_queue": (int, 256, "requests waiting for a free row; one more gets HTTP 503"),
+    "device": (str, "auto", "auto | cpu | cuda | cuda:N"),
+    "impl": (str, "auto", "fused kernels: auto | ext | ref"),
+    "compile": (bool, False, "torch.compile the one-token step: faster decoding after a slow start"),
+}
+
+
+
 EVAL_FLAGS: dict[str, tuple[type, object, str]] = {
     "ckpt": (str, "checkpoints", "checkpoint file, or a directory (its best, else its latest)"),
     "data_dir": (str, None, "score this token directory's val.bin (default: the checkpoint's data_dir)"),
@@ -2714,6 +2752,19 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    """Serve a checkpoint over HTTP: the OpenAI API and a chat page (serve.py)."""
+    args = command_flags(argv, SERVE_FLAGS)
+    if args["max_batch"] < 1 or args["max_queue"] < 1:
+        raise UserError("--max_batch and --max_queue must be at least 1")
+    if not 0 <= args["port"] <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args['port']}")
+    if args["impl"] not in ("auto", "ext", "ref"):
+        raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
+    import serve  # the HTTP server is its own module; train/sample never import it
+    return serve.run(**args)
+
+
 class Command(typing.NamedTuple):
     run: typing.Callable[[list[str]], int]
     flags: Flags | None  # None: train, whose flags are the config fields
@@ -2726,6 +2777,7 @@ COMMANDS: dict[str, Command] = {
     "sample": Command(cmd_sample, SAMPLE_FLAGS, "chat with a checkpoint (interactive without --prompt)"),
     "export": Command(cmd_export, EXPORT_FLAGS, "write a checkpoint in the Hugging Face Llama format"),
     "eval": Command(cmd_eval, EVAL_FLAGS, "loss and perplexity of a checkpoint; greedy answers to prompts"),
+    "serve": Command(cmd_serve, SERVE_FLAGS, "serve a checkpoint: OpenAI-compatible HTTP API and a chat page"),
 }
 
 

@@ -11,11 +11,13 @@ setup(
     version="0.1.0",
     description="A small, fast, hackable Llama-style language model engine",
     license="MIT",
-    py_modules=["optimus", "data_prep", "bench"],
+    py_modules=["optimus", "data_prep", "bench", "serve"],
+    # The chat page of `optimus.py serve`: serve.py looks beside itself, then here under sys.prefix.
+    data_files=[("share/optimus-prime", ["serve_page.html"])],
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tiktoken", "ninja", "pybind11"],
     extras_require={
-        "test": ["pytest", "transformers", "safetensors", "tensorboard"],
+        "test": ["pytest", "transformers", "safetensors", "tensorboard", "openai", "selenium"],
         "hf": ["transformers", "safetensors"],  # export needs safetensors; loading the export, transformers
         "tensorboard": ["tensorboard"],
     },
