@@ -171,6 +171,8 @@ class TrainingConfig:
                                      "<|endoftext|>) | all | auto (response for Dolly data, all for text)")
     init_from: str = cfg_field("", "start a new run (fresh optimizer, step 0) from this checkpoint's weights "
                                    "and model config; with --resume only its model config is used")
+    parallel: str = cfg_field("ddp", "under torchrun: ddp (a full replica per rank) | fsdp (FSDP2: "
+                                     "parameters, gradients and optimizer state sharded across ranks)")
 
     def __post_init__(self):
         counts = (lambda v: 0 <= v <= MAX_STEPS, "0 or positive")
@@ -199,6 +201,7 @@ class TrainingConfig:
                          "a plain directory name (no '/')"),
             "loss_on": (lambda v: v in ("auto", "response", "all"), "auto, response or all"),
             "init_from": (lambda v: v == "" or usable_path(v), "'' or a usable checkpoint path"),
+            "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
         })
 
 
@@ -209,6 +212,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, depth=2, num_heads=4, num_kv_heads=2, max_seq_len=128, max_length=64,
                  batch_size=8, num_workers=0, eval_interval=25, eval_batches=4, log_interval=5,
                  checkpoint_interval=25, warmup_steps=5, learning_rate=3e-3),
+    # About 1B parameters: more than one GPU holds comfortably with AdamW (16 bytes per
+    # parameter before activations); the model `--parallel fsdp` is for (README, Several GPUs).
+    "large": dict(dim=2048, depth=20, num_heads=16, num_kv_heads=4),
 }
 
 
@@ -858,12 +864,17 @@ CHECKPOINT_VERSION = 1  # bump when the layout below changes; load_checkpoint re
 
 
 def save_checkpoint(path: Path, model: Transformer, train_cfg: TrainingConfig, *, step: int,
-                    best_val_loss: float, template: dict | None, optimizer=None, extra: dict | None = None) -> None:
-    """Write a `torch.load(weights_only=True)`-loadable checkpoint atomically."""
+                    best_val_loss: float, template: dict | None, optimizer=None, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> None:
+    """Write a `torch.load(weights_only=True)`-loadable checkpoint atomically. `model_state` and
+    `optimizer_state` stand in for `model.state_dict()` and `optimizer.state_dict()` (FSDP's
+    gathered ones)."""
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     state = {
         "format_version": CHECKPOINT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model.state_dict() if model_state is None else model_state,
+        "optimizer": optimizer_state,
         "model_config": dataclasses.asdict(model.cfg),
         "training_config": dataclasses.asdict(train_cfg),
         "step": step,
@@ -1405,6 +1416,9 @@ class Trainer:
         self.model = Transformer(model_cfg).to(self.rt.device)
         self.impl = self.model.kernels(self.rt.device, training=True)
         self.loss_impl = self.model.loss_kernels(self.rt.device)  # resolved here, not inside a compiled forward
+        self.fsdp = self.dist.world > 1 and cfg.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer: sharding replaces the parameters with DTensor shards
+            self.shard_model()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -1496,9 +1510,9 @@ class Trainer:
                             f"values ({flags}), or start a new run without --resume")
         piece = "model"
         try:
-            self.model.load_state_dict(ckpt["model"])
+            self.load_model_state(ckpt["model"])
             piece = "optimizer"
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.load_optimizer_state(ckpt["optimizer"])
             for p, state in self.optimizer.state.items():  # load_state_dict checks no moment's shape
                 if any(isinstance(m, torch.Tensor) and m.dim() and m.shape != p.shape for m in state.values()):
                     raise ValueError("a moment's shape differs from its parameter's")
@@ -1590,14 +1604,73 @@ class Trainer:
                   f"{per_rank // micro} accumulation step(s) = batch {self.cfg.batch_size}")
         return micro
 
+    def shard_model(self) -> None:
+        """FSDP2, in place: one unit per block, and the root (embedding, tied head, final norm).
+
+        Each unit all-gathers its parameters just before its forward and backward and frees them
+        after, so a rank holds 1/world of the parameters, gradients and AdamW state plus one block
+        in full. On CUDA the gathered parameters are bf16 and gradients are reduced in float32
+        (as autocast computes under DDP); on CPU everything stays float32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy()
+        if self.rt.device.type == "cuda":
+            policy = MixedPrecisionPolicy(param_dtype=self.rt.dtype, reduce_dtype=torch.float32)
+        for block in self.model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(self.model, mp_policy=policy)
+
+    def model_state(self) -> dict:
+        """The full (unsharded) model state dict; under FSDP a collective: every rank calls it."""
+        if not self.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, state: dict) -> None:
+        if not self.fsdp:
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self) -> dict:
+        """The full optimizer state in `optimizer.state_dict()`'s layout (parameters by index),
+        so one checkpoint format serves one process, DDP and FSDP. A collective under FSDP."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        full = get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not full:  # with cpu_offload only rank 0 receives the gathered state
+            return full
+        index = {name: i for i, name in enumerate(self.param_names())}
+        groups = [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]
+        return {"state": {index[name]: value for name, value in full["state"].items()}, "param_groups": groups}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        names = self.param_names()
+        full = {"state": {names[i]: value for i, value in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+    def param_names(self) -> list[str]:
+        """Parameter names in the optimizer's order (its state_dict numbers them so)."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
     def wrap_model(self):
-        """DDP across ranks, then torch.compile: returns the callable the training step uses."""
+        """DDP across ranks (FSDP shards in place, before), then torch.compile: returns the
+        callable the training step uses."""
         model = self.model
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
             model = DistributedDataParallel(
                 model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None)
-        self.ddp = model if self.dist.world > 1 else None
+        self.ddp = model if self.dist.world > 1 and not self.fsdp else None
         compile_on = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
         # Compiling the DDP-wrapped module lets DDP's optimizer split graphs at its gradient buckets,
         # so communication still overlaps the backward.
@@ -1623,15 +1696,17 @@ class Trainer:
         micro_batches = [[t.to(self.rt.device, non_blocking=True) for t in next(batches)] for _ in range(accum)]
         # The mean over all counted targets of the global batch, not a mean of micro-batch means (a
         # response mask counts different numbers per window): each micro-batch's loss sum is divided
-        # by the global count, times world because DDP averages the ranks' gradients. A step with no
+        # by the global count, times world because DDP and FSDP average the ranks' gradients. A step with no
         # counted target (count clamped to 1) adds zero gradient instead of NaN.
         count = sum((targets != IGNORE_INDEX).sum() for _, targets in micro_batches).float()
         count = self.dist.all_reduce(count).clamp(min=1) / self.dist.world
         total = torch.zeros((), device=self.rt.device)
         for micro, (inputs, targets) in enumerate(micro_batches):
-            # DDP all-reduces gradients on the last micro-step only.
-            sync = self.ddp is None or micro == accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-step only.
+            sync = micro == accum - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
                 loss = self.loss(self.forward, inputs, targets, reduction="sum") / count
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
@@ -1666,11 +1741,18 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, device=self.rt.device, dtype=torch.float64)  # (loss sum, counted targets)
         inputs, targets = (t[self.dist.rank:: self.dist.world] for t in self.val)
-        for x, y in zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)):
+        chunks = list(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch)))
+        # FSDP gathers parameters collectively: every rank runs the same number of forwards, those
+        # with fewer windows a throw-away one (one window each: the shard sizes differ by at most one).
+        rounds = -(-len(self.val[0]) // (self.dist.world * self.micro_batch)) if self.fsdp else len(chunks)
+        for i in range(rounds):
+            x, y = chunks[i] if i < len(chunks) else (self.val[0][:1], self.val[1][:1])
             x, y = x.to(self.rt.device), y.to(self.rt.device)
             # The plain model: a few eager batches cost less than compiling an eval graph (~1 min).
-            sums[0] += self.loss(self.model, x, y, reduction="sum").double()
-            sums[1] += (y != IGNORE_INDEX).sum()
+            loss = self.loss(self.model, x, y, reduction="sum").double()
+            if i < len(chunks):
+                sums[0] += loss
+                sums[1] += (y != IGNORE_INDEX).sum()
         self.model.train()
         self.dist.all_reduce(sums)
         return float(sums[0] / sums[1])
@@ -1683,12 +1765,15 @@ class Trainer:
 
     def save(self, name: str) -> None:
         self.check_finite()
+        # Gathered to full tensors (collectives under FSDP: every rank takes part), written by rank 0
+        # in the one format sample, export and --resume read.
+        model_state, optimizer_state = self.model_state(), self.optimizer_state()
         if self.dist.is_main:
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None}
             save_checkpoint(Path(self.cfg.checkpoint_dir) / name, self.model, self.cfg, step=self.step,
                             best_val_loss=self.best_val, template=self.meta.get("template"),
-                            optimizer=self.optimizer,
+                            model_state=model_state, optimizer_state=optimizer_state,
                             extra={"rng": rng, "run_name": self.run_name, "total_steps": self.total_steps})
         self.dist.barrier()
 
@@ -1751,7 +1836,7 @@ class Trainer:
                     now = time.perf_counter()
                     tok_s = tokens_per_step * (self.step - mark_step) / (now - mark_time)
                     metrics = {"train_loss": train_loss, "lr": lr_at(self.step - 1, cfg, self.total_steps),
-                               "tokens_per_s": tok_s}
+                               "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / self.dist.world}
                     if peak:
                         metrics["mfu"] = flops_step * (self.step - mark_step) / (now - mark_time) / self.dist.world / peak
                         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**30
@@ -1760,8 +1845,9 @@ class Trainer:
                     eta = (now - start) / (self.step - first_step) * (self.total_steps - self.step)
                     if main:
                         mfu = f" | mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                        per_rank = f" ({tok_s / self.dist.world:,.0f} per rank)" if self.dist.world > 1 else ""
                         print(f"step {self.step}/{self.total_steps} | loss {train_loss:.4f} | "
-                              f"lr {metrics['lr']:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {format_duration(eta)}",
+                              f"lr {metrics['lr']:.2e} | {tok_s:,.0f} tok/s{per_rank}{mfu} | eta {format_duration(eta)}",
                               flush=True)
                     mark_time, mark_step = now, self.step
                 if self.step % cfg.eval_interval == 0 or last:

@@ -44,6 +44,12 @@ train)
   if [ "$gpus" -ge 2 ]; then
     torchrun --standalone --nproc_per_node 2 optimus.py train "${common[@]}" --batch_size 32 --run_name gpu2 \
       --checkpoint_dir checkpoints/gpu2 2>&1 | tee "$OUT/train_2gpu.txt"
+    # The 1B preset under ddp and fsdp: tokens/s and peak memory per GPU side by side (issue 17).
+    for parallel in ddp fsdp; do
+      torchrun --standalone --nproc_per_node "$gpus" optimus.py train "${common[@]}" --preset large --max_steps 20 \
+        --batch_size $((8 * gpus)) --micro_batch_size 8 --parallel $parallel --run_name large-$parallel \
+        --checkpoint_dir checkpoints/large-$parallel 2>&1 | tee "$OUT/train_large_$parallel.txt"
+    done
   fi
   cp runs/gpu*/metrics.jsonl runs/gpu1/config.json "$OUT/" 2>/dev/null
   for run in gpu1 gpu2; do [ -f runs/$run/metrics.jsonl ] && cp runs/$run/metrics.jsonl "$OUT/metrics_$run.jsonl"; done
