@@ -16,4 +16,12 @@ TORCH_LIBRARY(optimus, m) {
   m.def(
       "rope_kv_append(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) status) -> Tensor");
+  // Attention of q (B, H, T, hd) at positions pos (B, T) against the caches (B, KV, S, hd), each
+  // query over the slots <= its position; `status` set to 1 on CUDA for a position outside [0, S).
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, Tensor(a!) status, "
+      "float scale) -> Tensor");
+  // One token per row of logits (B, V), drawn from logits_to_probs(logits, temperature, top_p,
+  // top_k) by the exponential race with the given Exp(1) noise race (B, V) float32; (B,) int64.
+  m.def("sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p) -> Tensor");
 }
