@@ -266,6 +266,14 @@ def decode_attention_ref(q, k_cache, v_cache, pos, status, scale: float) -> torc
     return (attn @ v).to(q.dtype)
 
 
+def add_rms_norm_ref(x, delta, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s) * weight) with s = x + delta (x when delta is None): a block's residual add
+    and the norm after it, rounded as the residual add and RMSNorm.forward round them."""
+    s = x if delta is None else x + delta
+    sf = s.float()
+    return s, weight * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -286,6 +294,10 @@ def _register_python_parts() -> None:
     def _(q, k, v, cos, sin, pos, k_cache, v_cache, status):
         B, T, H, hd = q.shape
         return q.new_empty((B, H, T, hd))
+
+    @torch.library.register_fake("optimus::add_rms_norm")
+    def _(x, delta, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
 
     @torch.library.register_fake("optimus::sample")
     def _(logits, race, temperature, top_k, top_p):
@@ -431,6 +443,14 @@ def decode_attention(q, k_cache, v_cache, pos, status, impl: str = "ref") -> tor
     return decode_attention_ref(q, k_cache, v_cache, pos, status, scale)
 
 
+def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm in one kernel (see add_rms_norm_ref); mixed dtypes (a float32 gain
+    on bf16 activations) take the reference."""
+    if impl == "ext" and weight.dtype == x.dtype:
+        return tuple(torch.ops.optimus.add_rms_norm(x, delta, weight, eps))
+    return add_rms_norm_ref(x, delta, weight, eps)
+
+
 # Queries per kv head (tokens x H / KV) up to which the cached path uses decode_attention; longer
 # blocks (prefill) use SDPA over the cache with a mask. The CUDA kernel keeps that many queries in
 # shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
@@ -538,7 +558,15 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, impl: str, cache=None, pos=None, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, impl, cache, pos, mask)
-        return x + self.mlp(self.norm2(x), impl, packed=cache is not None)
+        return x + self.mlp(self.norm2(x), impl)
+
+    def cached(self, x, delta, cos, sin, impl: str, cache: KVCache, pos, mask):
+        """forward's math through the cache, each residual add fused with the norm after it:
+        takes the stream x and the previous block's pending output delta (None for the first),
+        returns this block's (x, delta); the caller adds the last delta (in the final norm)."""
+        x, h = add_rms_norm(x, delta, self.norm1.weight, self.norm1.eps, impl)
+        x, h = add_rms_norm(x, self.attn(h, cos, sin, impl, cache, pos, mask), self.norm2.weight, self.norm2.eps, impl)
+        return x, self.mlp(h, impl, packed=True)
 
 
 class Transformer(nn.Module):
@@ -598,6 +626,11 @@ class Transformer(nn.Module):
         if caches is not None and queries > DECODE_ATTENTION_MAX_QUERIES:  # prefill: SDPA, masked
             slots = torch.arange(self.cfg.max_seq_len, device=tokens.device)
             mask = slots[None, None, None, :] <= pos[:, None, :, None]        # (B, 1, T, S)
+        if caches is not None:  # inference: residual adds fused into the norms
+            delta = None
+            for block, cache in zip(self.blocks, caches):
+                x, delta = block.cached(x, delta, self.rope_cos, self.rope_sin, impl, cache, pos, mask)
+            return add_rms_norm(x, delta, self.norm.weight, self.norm.eps, impl)[1]
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():

@@ -217,8 +217,14 @@ cudaError_t launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const size_t smem = sizeof(float) * (2 * static_cast<size_t>(a.GT) * a.hd + 2 * kChunk * (a.hd + 1) +
                                        static_cast<size_t>(a.GT) * kChunk + 4 * a.GT);
   auto kernel = decode_attention_split_kernel<T, V>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
+  // Raised once per size (on the first, uncaptured calls), not at every call of a CUDA graph capture.
+  static size_t smem_allowed = 48 << 10;
+  cudaError_t err = cudaSuccess;
+  if (smem > smem_allowed) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    smem_allowed = smem;
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(a.splits, static_cast<unsigned int>(q.size(0) * a.KV));
   kernel<<<grid, kThreads, smem, stream>>>(

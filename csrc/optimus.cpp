@@ -24,4 +24,7 @@ TORCH_LIBRARY(optimus, m) {
   // One token per row of logits (B, V), drawn from logits_to_probs(logits, temperature, top_p,
   // top_k) by the exponential race with the given Exp(1) noise race (B, V) float32; (B,) int64.
   m.def("sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p) -> Tensor");
+  // (x + delta, RMSNorm(x + delta) * weight): a residual add and the next norm in one pass
+  // (delta absent: x and its norm).
+  m.def("add_rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }

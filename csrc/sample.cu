@@ -256,8 +256,13 @@ cudaError_t launch(const at::Tensor& logits, const at::Tensor& race, SampleArgs 
   if (!a.cached) work = at::empty({logits.size(0), a.V}, logits.options().dtype(at::kFloat));
   const size_t smem = a.cached ? row_bytes : 0;
   auto kernel = sample_kernel<T>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
+  // Raised once per size (on the first, uncaptured calls), not at every call of a CUDA graph capture.
+  static size_t smem_allowed = 48 << 10;
+  if (smem > smem_allowed) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    smem_allowed = smem;
+  }
   kernel<<<static_cast<unsigned int>(logits.size(0)), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(logits.const_data_ptr()), race.const_data_ptr<float>(),
       a.cached ? nullptr : work.mutable_data_ptr<float>(), out.mutable_data_ptr<int64_t>(), a);

@@ -143,3 +143,52 @@ def test_cuda_rejects_query_blocks_too_long_for_shared_memory():
 def test_decode_attention_opcheck(device):
     q, k, v, pos, status = inputs(2, 4, 2, 3, 16, 8, device, torch.float32)
     torch.library.opcheck(torch.ops.optimus.decode_attention, (q, k, v, pos, status, 0.35))
+
+
+# ----------------------------------------------------------------------------- add_rms_norm (the decode path's fused norms)
+
+NORM_SHAPES = [(1, 1024), (16, 1, 1024), (3, 7, 96), (2, 5), (2, 2100)]  # 2100: past the kernel's registers
+
+
+def rms_norm_float64(s, weight, eps):
+    """RMSNorm's rounding steps, statistics in float64: an independent check of the kernel."""
+    sd = s.double()
+    y = (sd * torch.rsqrt(sd.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return (weight.double() * y.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_add_rms_norm_matches_the_residual_add_and_rmsnorm(device, dtype, shape):
+    x = torch.randn(shape, device=device, dtype=dtype) * 3
+    delta = torch.randn(shape, device=device, dtype=dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1], device=device)).to(dtype)
+    s, out = torch.ops.optimus.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(s, x + delta)  # the sum is rounded once, as the model's residual add
+    torch.testing.assert_close(out.double(), rms_norm_float64(x + delta, weight, 1e-5), **TOL[dtype])
+    norm = optimus.RMSNorm(shape[-1], 1e-5).to(device=device, dtype=dtype)
+    norm.weight.data.copy_(weight)
+    ref_s, ref_out = optimus.add_rms_norm_ref(x, delta, weight, 1e-5)
+    torch.testing.assert_close(ref_out, norm(x + delta), rtol=0, atol=0)  # the reference is the module's math
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    s, out = torch.ops.optimus.add_rms_norm(x, None, weight, 1e-5)
+    assert torch.equal(s, x)
+    torch.testing.assert_close(out, norm(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_rms_norm_rejects_bad_arguments_with_a_message(device):
+    x, w = torch.randn(2, 8, device=device), torch.ones(8, device=device)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.optimus.add_rms_norm(x, None, torch.ones(7, device=device), 1e-5)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.optimus.add_rms_norm(x, None, w.half(), 1e-5)
+    with pytest.raises(RuntimeError, match="delta must have x's shape"):
+        torch.ops.optimus.add_rms_norm(x, x[:1], w, 1e-5)
+
+
+def test_add_rms_norm_opcheck():
+    x, w = torch.randn(3, 40), torch.randn(40)
+    torch.library.opcheck(torch.ops.optimus.add_rms_norm, (x, torch.randn(3, 40), w, 1e-5))
+    torch.library.opcheck(torch.ops.optimus.add_rms_norm, (x, None, w, 1e-5))

@@ -22,7 +22,7 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=1e-5),
     torch.float64: dict(rtol=1e-12, atol=1e-14),
 }
-OPS = ("swiglu", "swiglu_backward", "rope_kv_append", "decode_attention", "sample")
+OPS = ("swiglu", "swiglu_backward", "rope_kv_append", "decode_attention", "sample", "add_rms_norm")
 
 
 @pytest.fixture(autouse=True)

@@ -28,15 +28,15 @@ if ! python3 -c "import optimus; optimus.load_extension(); print('built', optimu
 fi
 
 stage tests
-timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_attention.py tests/test_sample.py \
+timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_attention.py tests/test_sample.py \
     tests/test_kernels.py -k "cuda and not ext-True and not swiglu and not rope" 2>&1 | tail -40 || failed=1
 
 stage "bench decode (this branch)"
-timeout 150 python3 bench.py --device cuda --only decode --json "$OUT/decode_new.json" 2>&1 | tail -20 || failed=1
+timeout 75 python3 bench.py --device cuda --only decode --json "$OUT/decode_new.json" 2>&1 | tail -20 || failed=1
 
 stage "bench decode (main: the old path)"
 wait $main_build || echo "main's build failed: $(tail -5 "$OUT/build_main.txt")"
-( cd "$MAIN" && TORCH_EXTENSIONS_DIR=/tmp/ext_main timeout 100 python3 - "$WT/bench.py" "$OUT/decode_main.json" <<'PY'
+( cd "$MAIN" && TORCH_EXTENSIONS_DIR=/tmp/ext_main timeout 45 python3 - "$WT/bench.py" "$OUT/decode_main.json" <<'PY'
 import importlib.util, json, sys
 import torch
 sys.path.insert(0, ".")
