@@ -488,7 +488,8 @@ class KVCache(nn.Module):
         shape = (batch, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)  # (B, KV, S, hd)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # Set to 1 on CUDA by a write whose position is out of range (see rope_kv_append_ref).
+        # Set to 1 on CUDA by a write or an attention read at a position out of range (see
+        # rope_kv_append_ref, decode_attention_ref).
         self.register_buffer("status", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, q, k, v, cos, sin, pos, impl: str):
@@ -1286,7 +1287,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
 class Decoder:
     """A model with static KV caches for `batch` sequences: prefill, then one token per step.
 
-    On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
+    Building one packs the model's weights for inference (Transformer.prepare_for_inference); with
+    the extension the step is then a short chain of our kernels and cuBLAS GEMMs, with nothing
+    to compile (add_rms_norm, packed QKV GEMM, rope_kv_append, decode_attention, wo, add_rms_norm,
+    packed gate-up GEMM, swiglu, down per block). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
     step costs one launch instead of one per kernel; its inputs and output live in static buffers.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README).
@@ -1351,7 +1355,7 @@ class Decoder:
     def check(self) -> None:
         """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""
         if any(bool(c.status) for c in self.caches):
-            raise RuntimeError("a KV-cache write fell outside the cache: positions must be < max_seq_len")
+            raise RuntimeError("a KV-cache write or read fell outside the cache: positions must be < max_seq_len")
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> list[list[int]]:

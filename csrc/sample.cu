@@ -55,10 +55,11 @@ struct SampleArgs {
   bool cached;  // row in shared memory (else in `work`)
 };
 
-// Unsigned key with the order of the float values; NaN gets 0 (the lowest: never kept by top-k).
+// Unsigned key with the order of the float values; NaN gets 0 (the lowest: never kept by top-k),
+// -0 the key of +0 (they compare equal: a -0 logit tied with a +0 k-th one is kept).
 __device__ __forceinline__ uint32_t order_key(float f) {
   const uint32_t u = __float_as_uint(f);
-  return f != f ? 0u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return f != f ? 0u : f == 0.f ? 0x80000000u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
