@@ -384,37 +384,122 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
 # ----------------------------------------------------------------------------- decode
 
 
-def bench_decode(device: torch.device) -> list[dict]:
-    """Generation at batch 1: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt,
-    random weights (bf16 on CUDA), tokens/s including the prefill; ext vs ref, CUDA graph or not,
-    the one-token step compiled or not (its compilation is part of the warm-up, not timed)."""
+HF_BUDGET = Budget(warmup=1, samples=3)  # transformers' generate: seconds per call, few samples
+# Kernel name fragments -> the part of a decode step they belong to (first match wins).
+STEP_PARTS = [("attention", ("decode_attention", "flash", "fmha", "attention", "sdpa")),
+              ("sampling", ("sample_kernel", "sort", "radix", "softmax", "exponential", "topk", "cumsum",
+                            "argmax", "scatter", "gather")),
+              ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")),
+              ("ours", ("swiglu", "rope_kv_append"))]
+
+
+def step_profile(decoder, model, batch: int, device: torch.device, steps: int = 20) -> dict:
+    """Kernel time per decode step by part (attention, sampling, GEMMs, our other kernels, the
+    rest), from torch.profiler over `steps` eager steps (kernel durations; launch gaps excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    pos = torch.full((batch,), 40, dtype=torch.long, device=device)
+    for _ in range(3):
+        optimus.sample_next(decoder.step(tokens, pos), 0.8, 0.9)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            optimus.sample_next(decoder.step(tokens, pos), 0.8, 0.9)
+        torch.cuda.synchronize(device)
+    parts = {name: 0.0 for name, _ in STEP_PARTS} | {"other": 0.0}
+    kernels = 0
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+        if us <= 0 or event.key.startswith(("ProfilerStep", "cudaGraph")):
+            continue
+        kernels += event.count
+        name = event.key.lower()
+        part = next((p for p, keys in STEP_PARTS if any(k in name for k in keys)), "other")
+        parts[part] += us / steps
+    return {f"{p}_us": v for p, v in parts.items()} | {"kernel_us": sum(parts.values()), "kernels": kernels / steps}
+
+
+def hf_decode_seconds(model, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> float | None:
+    """transformers' LlamaForCausalLM.generate with a static cache, our weights, same sampling
+    settings; None without transformers. Its automatic torch.compile of the static-cache step is
+    off (generation_config.disable_compile): every start would pay it, as ours pays none."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = transformers.LlamaConfig(**{k: v for k, v in optimus.hf_config(model.cfg).items()
+                                         if k not in ("architectures", "dtype", "torch_dtype")})
+    hf = transformers.LlamaForCausalLM(config).to(device=device, dtype=model.tok_emb.weight.dtype).eval()
+    hf.load_state_dict({k: v.to(model.tok_emb.weight.dtype) for k, v in optimus.hf_state_dict(model).items()},
+                       strict=False)
+    hf.generation_config.disable_compile = True
+
+    def run(i: int) -> None:
+        torch.manual_seed(i)  # transformers samples from the global generator
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_p=0.9, top_k=0,
+                          cache_implementation="static", pad_token_id=optimus.EOT_ID)
+        out.cpu()
+
+    seconds = seconds_per_call(run, device, HF_BUDGET)
+    del hf
+    return seconds
+
+
+def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) -> list[dict]:
+    """Generation: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt, random
+    weights (bf16 on CUDA), at batch 1 and 16; tokens/s (all rows together), ms per step, the
+    fraction of the bandwidth floor (weights read once per step at the copy bandwidth measured
+    here), per-part kernel time of one step; transformers' static-cache generate (rows `hf`)."""
     cuda = device.type == "cuda"
-    preset, new_tokens = ("base", 256) if cuda else ("tiny", 64)
-    cases = [("ext", True, True), ("ext", True, False), ("ref", True, False), ("ext", False, False),
-             ("ref", False, False)] if cuda else [("ext", False, False), ("ref", False, False)]
+    preset, new_tokens, batches = ("base", 256, (1, 16)) if cuda else ("tiny", 64, (1,))
+    cases = [("ext", True), ("ref", True)] if cuda else [("ext", False), ("ref", False)]
+    _, bandwidth = copy_bandwidth(device)
     rows = []
-    for impl, graph, compiled in cases:
-        model_cfg, _ = optimus.make_configs(preset, impl=impl)
-        torch.manual_seed(0)
-        model = optimus.Transformer(model_cfg).to(device).eval()
-        if cuda:
-            model = model.to(optimus.resolve_runtime(str(device)).dtype)
-        optimus.resolve_impl(impl, device)
-        decoder = optimus.Decoder(model, 1, use_graph=graph, compile=compiled)
-        prompt = [torch.randint(0, optimus.EOT_ID, (16,)).tolist()]
-        generator = torch.Generator(device).manual_seed(0)
+    for batch in batches:
+        for impl, graph in cases:
+            if impl == "ref" and batch > 1:
+                continue
+            model_cfg, _ = optimus.make_configs(preset, impl=impl)
+            torch.manual_seed(0)
+            model = optimus.Transformer(model_cfg).to(device).eval()
+            if cuda:
+                model = model.to(optimus.resolve_runtime(str(device)).dtype)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            optimus.resolve_impl(impl, device)
+            decoder = optimus.Decoder(model, batch, use_graph=graph)
+            prompts = torch.randint(0, optimus.EOT_ID, (batch, 16))
+            generator = torch.Generator(device).manual_seed(0)
 
-        def run(i: int) -> None:
-            for token in optimus.generate(model, prompt, new_tokens, temperature=0.8, top_p=0.9,
-                                          generator=generator, eot_id=None, decoder=decoder):
-                pass
-            token.cpu()  # the last token on the host: the whole answer is done
+            def run(i: int) -> None:
+                for token in optimus.generate(model, prompts.tolist(), new_tokens, temperature=0.8, top_p=0.9,
+                                              generator=generator, eot_id=None, decoder=decoder):
+                    pass
+                token.cpu()  # the last token on the host: the whole answer is done
 
-        seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
-        rows.append({"model": preset, "impl": impl, "cuda_graph": graph, "compiled_step": compiled, "batch": 1,
-                     "new_tokens": new_tokens,
-                     "tokens/s": new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3})
-        del decoder, model
+            seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
+            row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "batch": batch, "new_tokens": new_tokens,
+                   "tokens/s": batch * new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3,
+                   "floor_fraction": (seconds / new_tokens) ** -1 * weight_bytes / bandwidth}
+            if profile and cuda and impl == "ext":
+                row |= step_profile(optimus.Decoder(model, batch, use_graph=False), model, batch, device)
+            rows.append(row)
+            if hf and cuda and impl == "ext":
+                try:
+                    hf_seconds = hf_decode_seconds(model, prompts.to(device), new_tokens, device)
+                except Exception as exc:  # transformers' API moves: report it, keep our rows
+                    print(f"hf rows skipped: {type(exc).__name__}: {exc}"[:500], file=sys.stderr)
+                    hf_seconds = None
+                if hf_seconds is not None:
+                    rows.append({"path": "hf", "impl": "transformers", "cuda_graph": False, "batch": batch,
+                                 "new_tokens": new_tokens, "tokens/s": batch * new_tokens / hf_seconds,
+                                 "ms/token": hf_seconds / new_tokens * 1e3,
+                                 "floor_fraction": new_tokens / hf_seconds * weight_bytes / bandwidth})
+            del decoder, model
+            if cuda:
+                torch.cuda.empty_cache()
+    for row in rows:
+        row["copy_GB/s"] = bandwidth / 1e9
     return rows
 
 

@@ -360,6 +360,39 @@ def cross_entropy_fwd_bwd_ref(logits: torch.Tensor, targets: torch.Tensor, scale
     return loss
 
 
+def decode_attention_ref(q, k_cache, v_cache, pos, status, scale: float) -> torch.Tensor:
+    """Attention of few-token queries against the static cache: query (b, h, t) sees slots <= pos[b, t].
+
+    q: (B, H, T, hd); k_cache, v_cache: (B, KV, S, hd); pos: (B, T) int64; status: (1,) int32.
+    Query head h reads kv head h // (H // KV). softmax(scale * q . k) @ v over the visible slots,
+    float32 math, one rounding to q's dtype; returns (B, H, T, hd). A position outside [0, S) is
+    an error: on CPU IndexError; on CUDA status[0] is set to 1 (no host sync) and the row attends
+    to the slots up to its position clamped into [0, S), so the call's output is invalid.
+    """
+    B, H, T, hd = q.shape
+    KV, S = k_cache.shape[1], k_cache.shape[2]
+    bad = (pos < 0) | (pos >= S)
+    if pos.device.type == "cpu" and bool(bad.any()):
+        raise IndexError(f"decode attention position out of range: positions must lie in [0, {S}), "
+                         f"got {int(pos.min())}..{int(pos.max())}")
+    status.copy_(torch.maximum(status, bad.any().to(status.dtype)))
+    p = pos.clamp(0, S - 1)
+    k = k_cache.float().repeat_interleave(H // KV, dim=1)                 # (B, H, S, hd)
+    v = v_cache.float().repeat_interleave(H // KV, dim=1)                 # (B, H, S, hd)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale                    # (B, H, T, S)
+    visible = torch.arange(S, device=q.device) <= p[:, None, :, None]     # (B, 1, T, S)
+    attn = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (attn @ v).to(q.dtype)
+
+
+def add_rms_norm_ref(x, delta, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s) * weight) with s = x + delta (x when delta is None): a block's residual add
+    and the norm after it, rounded as the residual add and RMSNorm.forward round them."""
+    s = x if delta is None else x + delta
+    sf = s.float()
+    return s, weight * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -392,6 +425,18 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("optimus::cross_entropy_fwd_bwd")
     def _(logits, targets, scale, vocab_size):
         return logits.new_empty(logits.shape[:1], dtype=torch.promote_types(logits.dtype, torch.float32))
+
+    @torch.library.register_fake("optimus::add_rms_norm")
+    def _(x, delta, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+    @torch.library.register_fake("optimus::sample")
+    def _(logits, race, temperature, top_k, top_p):
+        return logits.new_empty(logits.shape[:1], dtype=torch.long)
+
+    @torch.library.register_fake("optimus::decode_attention")
+    def _(q, k_cache, v_cache, pos, status, scale):
+        return q.new_empty(q.shape)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -650,6 +695,29 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                          reduction == "mean", chunk, impl, needs_grad)
 
 
+def decode_attention(q, k_cache, v_cache, pos, status, impl: str = "ref") -> torch.Tensor:
+    """Few-token queries against the static cache, each reading only its visible slots (see
+    decode_attention_ref); scale 1/sqrt(hd) as in F.scaled_dot_product_attention."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "ext":
+        return torch.ops.optimus.decode_attention(q, k_cache, v_cache, pos, status, scale)
+    return decode_attention_ref(q, k_cache, v_cache, pos, status, scale)
+
+
+def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm in one kernel (see add_rms_norm_ref); mixed dtypes (a float32 gain
+    on bf16 activations) take the reference."""
+    if impl == "ext" and weight.dtype == x.dtype:
+        return tuple(torch.ops.optimus.add_rms_norm(x, delta, weight, eps))
+    return add_rms_norm_ref(x, delta, weight, eps)
+
+
+# Queries per kv head (tokens x H / KV) up to which the cached path uses decode_attention; longer
+# blocks (prefill) use SDPA over the cache with a mask. The CUDA kernel keeps that many queries in
+# shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
+DECODE_ATTENTION_MAX_QUERIES = 64
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -681,7 +749,8 @@ class KVCache(nn.Module):
         shape = (batch, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)  # (B, KV, S, hd)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # Set to 1 on CUDA by a write whose position is out of range (see rope_kv_append_ref).
+        # Set to 1 on CUDA by a write or an attention read at a position out of range (see
+        # rope_kv_append_ref, decode_attention_ref).
         self.register_buffer("status", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, q, k, v, cos, sin, pos, impl: str):
@@ -698,20 +767,29 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.register_buffer("wqkv", None, persistent=False)  # wq, wk, wv packed for inference
 
     def forward(self, x, cos, sin, impl: str, cache: KVCache | None = None, pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.num_heads, self.head_dim)       # (B, T, H, hd)
-        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim)    # (B, T, KV, hd)
-        v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim)    # (B, T, KV, hd)
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if cache is not None and self.wqkv is not None:  # one GEMM instead of three
+            q, k, v = F.linear(x, self.wqkv).split([H * hd, KV * hd, KV * hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, H, hd)                                          # (B, T, H, hd)
+        k = k.view(B, T, KV, hd)                                         # (B, T, KV, hd)
+        v = v.view(B, T, KV, hd)                                         # (B, T, KV, hd)
         if cache is None:  # whole sequences from position 0: causal attention among themselves
             q = rotate_half_ref(q, cos[:T, None], sin[:T, None]).transpose(1, 2)  # (B, H, T, hd)
             k = rotate_half_ref(k, cos[:T, None], sin[:T, None]).transpose(1, 2)  # (B, KV, T, hd)
             v = v.transpose(1, 2)                                                 # (B, KV, T, hd)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # new tokens at `pos` attend to every cached slot the mask allows
+        else:  # new tokens at `pos` attend to the cached slots at or before their positions
             q, k, v = cache.update(q, k, v, cos, sin, pos, impl)  # (B, H, T, hd), (B, KV, S, hd) x2
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if mask is None:  # few tokens (decoding): only the visible slots are read
+                y = decode_attention(q, k, v, pos, cache.status, impl)
+            else:  # long blocks (prefill): flash attention over the whole cache, masked
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)      # (B, T, H*hd)
         return self.wo(y)
 
@@ -722,8 +800,11 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.register_buffer("wgu", None, persistent=False)  # gate, up packed for inference
 
-    def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str, packed: bool = False) -> torch.Tensor:
+        if packed and self.wgu is not None:  # inference: one GEMM for gate and up, (..., 2 * hidden)
+            return self.down(swiglu_packed(F.linear(x, self.wgu), impl))
         if impl == "ext" and self.training and torch.is_grad_enabled():
             # Training on the extension: one gate-up matmul, whose (B, T, 2H) output the kernel
             # reads in place and whose gradient its backward writes whole (no slice backward).
@@ -743,6 +824,14 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, impl: str, cache=None, pos=None, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, impl, cache, pos, mask)
         return x + self.mlp(self.norm2(x), impl)
+
+    def cached(self, x, delta, cos, sin, impl: str, cache: KVCache, pos, mask):
+        """forward's math through the cache, each residual add fused with the norm after it:
+        takes the stream x and the previous block's pending output delta (None for the first),
+        returns this block's (x, delta); the caller adds the last delta (in the final norm)."""
+        x, h = add_rms_norm(x, delta, self.norm1.weight, self.norm1.eps, impl)
+        x, h = add_rms_norm(x, self.attn(h, cos, sin, impl, cache, pos, mask), self.norm2.weight, self.norm2.eps, impl)
+        return x, self.mlp(h, impl, packed=True)
 
 
 def model_bytes(cfg: ModelConfig) -> int:
@@ -827,9 +916,15 @@ class Transformer(nn.Module):
         impl = self.kernels(tokens.device, self.training and torch.is_grad_enabled())
         x = self.tok_emb(tokens)                                              # (B, T, dim)
         mask = None
-        if caches is not None:  # slot s is visible to a token at position p when s <= p
+        queries = tokens.shape[1] * (self.cfg.num_heads // self.cfg.num_kv_heads)  # per kv head
+        if caches is not None and queries > DECODE_ATTENTION_MAX_QUERIES:  # prefill: SDPA, masked
             slots = torch.arange(self.cfg.max_seq_len, device=tokens.device)
             mask = slots[None, None, None, :] <= pos[:, None, :, None]        # (B, 1, T, S)
+        if caches is not None:  # inference: residual adds fused into the norms
+            delta = None
+            for block, cache in zip(self.blocks, caches):
+                x, delta = block.cached(x, delta, self.rope_cos, self.rope_sin, impl, cache, pos, mask)
+            return add_rms_norm(x, delta, self.norm.weight, self.norm.eps, impl)[1]
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
@@ -838,6 +933,17 @@ class Transformer(nn.Module):
             else:
                 x = block(x, self.rope_cos, self.rope_sin, impl, cache, pos, mask)
         return self.norm(x)
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> None:
+        """Pack each block's wq, wk, wv into one ((H + 2 KV) hd, dim) matrix and gate, up into one
+        (2 hidden, dim) matrix: the cached path then runs one GEMM for each group. They are
+        non-persistent buffers (state_dict, checkpoints and export keep the separate weights) and
+        copies: call again after the weights change (every Decoder does when it is built)."""
+        for block in self.blocks:
+            a, m = block.attn, block.mlp
+            a.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
+            m.wgu = torch.cat([m.gate.weight, m.up.weight])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head; padded vocabulary rows are cut off, so they can never be sampled."""
@@ -1894,34 +2000,49 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
         raise ValueError(f"top_k must be >= 0 (0 keeps all tokens), got {top_k}")
 
 
+# Temperatures below the smallest normal float32 act as it: already the greedy limit, and a
+# smaller divisor would round to 0 (0 / 0 = NaN for the top logit).
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
                     top_k: int = 0) -> torch.Tensor:
-    """(B, V) logits -> (B, V) probabilities after temperature, top-k, then top-p (nucleus)."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                 # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    """(B, V) logits -> (B, V) probabilities after temperature, top-k, then top-p (nucleus).
+
+    The specification of the sampling kernel (csrc/sample.*). Logits are shifted by their max
+    before the division, so a tiny temperature gives the limit, uniform over the tokens tied at
+    the top logit (dividing first overflowed to inf - inf = NaN). Ties: top-k keeps every token
+    tied with the k-th largest logit; top-p keeps every token tied with the smallest probability
+    of the nucleus (a sort would break that tie arbitrarily).
+    """
+    x = logits.float()
+    x = (x - x.amax(-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)     # (B, V), max 0
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]                       # (B, 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = x.softmax(-1)
     if top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)    # (B, V)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Keep a token while the probability before it is still short of top_p: the smallest
-        # set that reaches top_p, and never empty (the first token has nothing before it).
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)                    # back to vocab order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values               # (B, V)
+        # The nucleus is the smallest set that reaches top_p: a token is in while the mass
+        # before it is still short of top_p (never empty: the first has nothing before it).
+        inside = (sorted_probs.cumsum(-1) - sorted_probs < top_p).sum(-1, keepdim=True)  # (B, 1)
+        threshold = sorted_probs.gather(-1, inside - 1)                         # (B, 1)
+        probs = x.masked_fill(probs < threshold, float("-inf")).softmax(-1)
+    return probs
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, impl: str = "auto") -> torch.Tensor:
     """Next tokens (B,) from (B, V) logits. temperature 0 is argmax. No host synchronization:
-    argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race)."""
+    argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race).
+    impl "ext" draws from logits_to_probs' distribution in one kernel without a sort (csrc/sample.cpp)."""
     check_sampling_args(temperature, top_p, top_k)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, temperature, top_p, top_k)
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(-1)
+    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
+    if resolve_impl(impl, logits.device) == "ext":
+        return torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
+    return (logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1)
 
 
 class CacheRows:
@@ -1936,7 +2057,10 @@ class CacheRows:
 class Decoder:
     """A model with static KV caches for `batch` sequences: prefill, then one token per step.
 
-    On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
+    Building one packs the model's weights for inference (Transformer.prepare_for_inference); with
+    the extension the step is then a short chain of our kernels and cuBLAS GEMMs, with nothing
+    to compile (add_rms_norm, packed QKV GEMM, rope_kv_append, decode_attention, wo, add_rms_norm,
+    packed gate-up GEMM, swiglu, down per block). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
     step costs one launch instead of one per kernel; its inputs and output live in static buffers.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README).
@@ -1946,6 +2070,7 @@ class Decoder:
     def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None, compile: bool = False):
         self.model, self.batch = model, batch
         device = model.tok_emb.weight.device
+        model.prepare_for_inference()
         self.caches = [KVCache(batch, model.cfg, model.tok_emb.weight.dtype, device) for _ in model.blocks]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)       # (B, 1)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)          # (B, 1)
@@ -2015,7 +2140,7 @@ class Decoder:
     def check(self) -> None:
         """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""
         if any(bool(c.status) for c in self.caches):
-            raise RuntimeError("a KV-cache write fell outside the cache: positions must be < max_seq_len")
+            raise RuntimeError("a KV-cache write or read fell outside the cache: positions must be < max_seq_len")
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> list[list[int]]:
@@ -2064,7 +2189,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     logits = decoder.prefill(padded.to(device), lengths)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, top_k, generator)
+        token = sample_next(logits, temperature, top_p, top_k, generator, impl=model.kernels(device, False))
         if eot_id is not None:
             token = token.masked_fill(done, eot_id)
             done |= token == eot_id

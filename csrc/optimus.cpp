@@ -23,4 +23,15 @@ TORCH_LIBRARY(optimus, m) {
   // Per-row cross-entropy of (rows, cols) logits over their first vocab_size columns; the logits
   // are overwritten with the gradient (softmax - onehot) * scale, hence the alias annotation.
   m.def("cross_entropy_fwd_bwd(Tensor(a!) logits, Tensor targets, Tensor scale, int vocab_size) -> Tensor");
+  // Attention of q (B, H, T, hd) at positions pos (B, T) against the caches (B, KV, S, hd), each
+  // query over the slots <= its position; `status` set to 1 on CUDA for a position outside [0, S).
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, Tensor(a!) status, "
+      "float scale) -> Tensor");
+  // One token per row of logits (B, V), drawn from logits_to_probs(logits, temperature, top_p,
+  // top_k) by the exponential race with the given Exp(1) noise race (B, V) float32; (B,) int64.
+  m.def("sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p) -> Tensor");
+  // (x + delta, RMSNorm(x + delta) * weight): a residual add and the next norm in one pass
+  // (delta absent: x and its norm).
+  m.def("add_rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }

@@ -25,7 +25,7 @@ TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-14),
 }
 OPS = ("swiglu", "swiglu_backward", "swiglu_packed", "swiglu_packed_backward", "rope_kv_append",
-       "cross_entropy_fwd_bwd")
+       "cross_entropy_fwd_bwd", "decode_attention", "sample", "add_rms_norm")
 
 
 @pytest.fixture(autouse=True)
