@@ -241,6 +241,21 @@ def rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status) -> torc
     return q_rot.contiguous()
 
 
+def decode_linear_ref(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+    """A decoding step's projection, (B, K) -> (B, N) or (B, N/2), with what surrounds it folded in:
+    RMSNorm of x first (when `norm_weight` is given, as RMSNorm.forward computes it), SwiGLU of the
+    output's two halves after (`swiglu`: weight is [gate; up] stacked), then `residual` added."""
+    if norm_weight is not None:
+        xf = x.float()
+        x = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.linear(x, weight)                                      # (B, N)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)                            # (B, N/2) each
+        y = swiglu_ref(gate, up)
+    return y if residual is None else residual + y
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -261,6 +276,10 @@ def _register_python_parts() -> None:
     def _(q, k, v, cos, sin, pos, k_cache, v_cache, status):
         B, T, H, hd = q.shape
         return q.new_empty((B, H, T, hd))
+
+    @torch.library.register_fake("optimus::decode_linear")
+    def _(x, weight, norm_weight, residual, eps, swiglu):
+        return x.new_empty((x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -387,6 +406,14 @@ def rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status, impl: str =
     if impl == "ext":
         return torch.ops.optimus.rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status)
     return rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status)
+
+
+def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5, swiglu: bool = False,
+                  impl: str = "ref") -> torch.Tensor:
+    """[RMSNorm ->] linear [-> SwiGLU] [+ residual] for a decoding step's rows (see decode_linear_ref)."""
+    if impl == "ext":
+        return torch.ops.optimus.decode_linear(x, weight, norm_weight, residual, eps, swiglu)
+    return decode_linear_ref(x, weight, norm_weight, residual, eps, swiglu)
 
 
 # ----------------------------------------------------------------------------- model

@@ -16,4 +16,8 @@ TORCH_LIBRARY(optimus, m) {
   m.def(
       "rope_kv_append(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) status) -> Tensor");
+  // A decoding step's projection: [RMSNorm ->] x @ weight^T [-> SwiGLU of its halves] [+ residual].
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, "
+      "bool swiglu) -> Tensor");
 }
