@@ -57,6 +57,28 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   extern __shared__ float xs[];  // (nb, K): the rows of x the weights multiply
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  constexpr int kRows = SWIGLU ? 2 : 1;  // weight rows per output column: gate and up, or one
+  const int packs = K / V;
+  const int warps_total = gridDim.x * kWarps;
+
+  // A warp's weight packs for one round: kUnroll packs per lane of column j's row(s), from p0.
+  Pack<T, V> wp[kUnroll][kRows];
+  auto load = [&](int j, int p0) {
+    const Pack<T, V>* rows[kRows];
+    rows[0] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j) * K);
+    if constexpr (SWIGLU) rows[1] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j + half) * K);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int p = p0 + u * 32;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (p < packs) wp[u][r] = rows[r][p];
+    }
+  };
+  // The first round's loads go out before the prologue, so their latency overlaps it (a kernel
+  // of a few microseconds otherwise waits for x, its norm, a barrier, then the weights in turn).
+  int j = blockIdx.x * kWarps + warp;
+  if (j < n_out) load(j, lane);
 
   // Prologue: x -> shared memory, normalised as RMSNorm does (float32 statistics, rounded to T,
   // times the gain in T).
@@ -87,28 +109,14 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   }
   __syncthreads();
 
-  constexpr int kRows = SWIGLU ? 2 : 1;  // weight rows per output column: gate and up, or one
-  const int packs = K / V;
-  const int warps_total = gridDim.x * kWarps;
-  for (int j = blockIdx.x * kWarps + warp; j < n_out; j += warps_total) {
+  for (bool prefetched = true; j < n_out; j += warps_total, prefetched = false) {
     float acc[kRows][NB];
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
-    const Pack<T, V>* rows[kRows];
-    rows[0] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j) * K);
-    if constexpr (SWIGLU) rows[1] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j + half) * K);
-
     for (int p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
-      Pack<T, V> wp[kUnroll][kRows];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int p = p0 + u * 32;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          if (p < packs) wp[u][r] = rows[r][p];
-      }
+      if (!(prefetched && p0 == lane)) load(j, p0);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int p = p0 + u * 32;
