@@ -392,6 +392,20 @@ def add_rms_norm_ref(x, delta, weight, eps: float) -> tuple[torch.Tensor, torch.
     sf = s.float()
     return s, weight * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
 
+def decode_linear_ref(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+    """A decoding step's projection, (B, K) -> (B, N) or (B, N/2), with what surrounds it folded in:
+    RMSNorm of x first (when `norm_weight` is given, as RMSNorm.forward computes it), SwiGLU of the
+    output's two halves after (`swiglu`: weight is [gate; up] stacked), then `residual` added."""
+    if norm_weight is not None:
+        xf = x.float()
+        x = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = F.linear(x, weight)                                      # (B, N)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)                            # (B, N/2) each
+        y = swiglu_ref(gate, up)
+    return y if residual is None else residual + y
+
 
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
@@ -437,6 +451,10 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("optimus::decode_attention")
     def _(q, k_cache, v_cache, pos, status, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("optimus::decode_linear")
+    def _(x, weight, norm_weight, residual, eps, swiglu):
+        return x.new_empty((x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -716,6 +734,13 @@ def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch
 # blocks (prefill) use SDPA over the cache with a mask. The CUDA kernel keeps that many queries in
 # shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
 DECODE_ATTENTION_MAX_QUERIES = 64
+
+def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5, swiglu: bool = False,
+                  impl: str = "ref") -> torch.Tensor:
+    """[RMSNorm ->] linear [-> SwiGLU] [+ residual] for a decoding step's rows (see decode_linear_ref)."""
+    if impl == "ext":
+        return torch.ops.optimus.decode_linear(x, weight, norm_weight, residual, eps, swiglu)
+    return decode_linear_ref(x, weight, norm_weight, residual, eps, swiglu)
 
 
 # ----------------------------------------------------------------------------- model

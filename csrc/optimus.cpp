@@ -34,4 +34,8 @@ TORCH_LIBRARY(optimus, m) {
   // (x + delta, RMSNorm(x + delta) * weight): a residual add and the next norm in one pass
   // (delta absent: x and its norm).
   m.def("add_rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // A decoding step's projection: [RMSNorm ->] x @ weight^T [-> SwiGLU of its halves] [+ residual].
+  m.def(
+      "decode_linear(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, "
+      "bool swiglu) -> Tensor");
 }
