@@ -357,7 +357,7 @@ def test_subprocess_errors_are_one_line(world, tmp_path, args, needle):
                                        "ValueError: Overflow when unpacking long long")
 def test_sample_seed_beyond_64_bits_is_one_line(world, tmp_path):
     code, _, err, escaped = run_inprocess(["sample", "--ckpt", str(world / "ckpt"), "--prompt", "hi", "--impl", "ref",
-                                           "--seed", str(2**64)], tmp_path)
+                                           "--max_new_tokens", "8", "--seed", str(2**64)], tmp_path)
     assert escaped is None and code == 2 and err.count("error:") == 1, (escaped, err)
 
 
