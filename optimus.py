@@ -871,6 +871,8 @@ def check_memory(cfg: ModelConfig, copies: int) -> None:
     """Refuse, before allocating, a model whose `copies` float32 copies (weights; training adds
     gradients and AdamW's two moments) exceed this machine's memory: the allocation would fail with
     a traceback, or succeed lazily on Linux and end in the out-of-memory killer."""
+    if not hasattr(os, "sysconf"):  # Windows: no portable way to ask, let the allocator decide
+        return
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     need = copies * model_bytes(cfg)
     if need > total:

@@ -357,7 +357,7 @@ def test_subprocess_errors_are_one_line(world, tmp_path, args, needle):
                                        "ValueError: Overflow when unpacking long long")
 def test_sample_seed_beyond_64_bits_is_one_line(world, tmp_path):
     code, _, err, escaped = run_inprocess(["sample", "--ckpt", str(world / "ckpt"), "--prompt", "hi", "--impl", "ref",
-                                           "--seed", str(2**64)], tmp_path)
+                                           "--max_new_tokens", "8", "--seed", str(2**64)], tmp_path)
     assert escaped is None and code == 2 and err.count("error:") == 1, (escaped, err)
 
 
@@ -631,6 +631,28 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(world, tmp_pat
     data_prep.prepare(str(world / "dolly.jsonl"), str(data), dataset_size=0)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert capsys.readouterr().err.count("which is gone") == 3
+
+
+def test_a_run_killed_mid_training_resumes_with_no_leftovers_and_one_log_line_per_step(world, tmp_path):
+    args = ["train", "--preset", "tiny", "--impl", "ref", "--device", "cpu", "--max_length", "16", "--batch_size",
+            "2", "--log_interval", "1", "--eval_interval", "100", "--checkpoint_interval", "2", "--max_steps", "6",
+            "--data_dir", str(world / "tokens"), "--run_name", "k"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "optimus.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 3/"):  # latest.pt holds step 2; step 3 is logged
+                process.kill()
+                break
+        process.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        process.kill()
+    result = run_cli(*args, "--resume", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(tmp_path) == []
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train_loss" in r] == list(range(1, 7))
+    assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=True)["step"] == 6
 
 
 def test_a_killed_export_leaves_nothing_the_next_one_keeps(world, tmp_path):
