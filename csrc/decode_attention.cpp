@@ -44,6 +44,7 @@ constexpr const char* kOp = "optimus::decode_attention";
 // F.scaled_dot_product_attention with a mask.
 constexpr int64_t kCudaMaxQueriesPerKvHead = 64;
 constexpr int64_t kCudaMaxHeadDim = 256;
+constexpr int64_t kCudaMaxGridY = 65535;  // blocks (split, b * KV + kvh): gridDim.y's limit
 
 // ----------------------------------------------------------------------------- kernels
 
@@ -125,6 +126,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     TORCH_CHECK(B * H * T * k_cache.size(2) < std::numeric_limits<int>::max() &&
                     B * KV * k_cache.size(2) * hd < std::numeric_limits<int>::max(),
                 kOp, ": the cache is too large for the kernel's 32-bit indices; split the batch");
+    TORCH_CHECK(B * KV <= kCudaMaxGridY, kOp, ": B x KV = ", num(B * KV), " exceeds the CUDA grid's ",
+                num(kCudaMaxGridY), " rows of blocks; split the batch");
   }
 }
 
