@@ -389,8 +389,8 @@ HF_BUDGET = Budget(warmup=1, samples=3)  # transformers' generate: seconds per c
 STEP_PARTS = [("attention", ("decode_attention", "flash", "fmha", "attention", "sdpa")),
               ("sampling", ("sample_kernel", "sort", "radix", "softmax", "exponential", "topk", "cumsum",
                             "argmax", "scatter", "gather")),
-              ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")),
-              ("ours", ("swiglu", "rope_kv_append"))]
+              ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "decode_linear")),
+              ("ours", ("swiglu", "rope_kv_append", "add_rms_norm"))]
 
 
 def step_profile(decoder, model, batch: int, device: torch.device, steps: int = 20) -> dict:
@@ -453,12 +453,15 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) ->
     here), per-part kernel time of one step; transformers' static-cache generate (rows `hf`)."""
     cuda = device.type == "cuda"
     preset, new_tokens, batches = ("base", 256, (1, 16)) if cuda else ("tiny", 64, (1,))
-    cases = [("ext", True), ("ref", True)] if cuda else [("ext", False), ("ref", False)]
+    # (impl, CUDA graph, decode_linear for one-row steps): the third case is the same step with
+    # cuBLAS projections and separate norms, the alternative decode_linear replaces.
+    cases = [("ext", True, True), ("ext", True, False), ("ref", True, True)] if cuda else \
+        [("ext", False, True), ("ref", False, True)]
     _, bandwidth = copy_bandwidth(device)
     rows = []
     for batch in batches:
-        for impl, graph in cases:
-            if impl == "ref" and batch > 1:
+        for impl, graph, fused_linear in cases:
+            if (impl == "ref" or not fused_linear) and batch > 1:  # one-row steps only differ
                 continue
             model_cfg, _ = optimus.make_configs(preset, impl=impl)
             torch.manual_seed(0)
@@ -467,7 +470,7 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) ->
                 model = model.to(optimus.resolve_runtime(str(device)).dtype)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             optimus.resolve_impl(impl, device)
-            decoder = optimus.Decoder(model, batch, use_graph=graph)
+            decoder = optimus.Decoder(model, batch, use_graph=graph, fused_linear=fused_linear)
             prompts = torch.randint(0, optimus.EOT_ID, (batch, 16))
             generator = torch.Generator(device).manual_seed(0)
 
@@ -478,13 +481,15 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) ->
                 token.cpu()  # the last token on the host: the whole answer is done
 
             seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
-            row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "batch": batch, "new_tokens": new_tokens,
+            row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "decode_linear": fused_linear and batch == 1,
+                   "batch": batch, "new_tokens": new_tokens,
                    "tokens/s": batch * new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3,
                    "floor_fraction": (seconds / new_tokens) ** -1 * weight_bytes / bandwidth}
             if profile and cuda and impl == "ext":
-                row |= step_profile(optimus.Decoder(model, batch, use_graph=False), model, batch, device)
+                row |= step_profile(optimus.Decoder(model, batch, use_graph=False, fused_linear=fused_linear),
+                                    model, batch, device)
             rows.append(row)
-            if hf and cuda and impl == "ext":
+            if hf and cuda and impl == "ext" and fused_linear:
                 try:
                     hf_seconds = hf_decode_seconds(model, prompts.to(device), new_tokens, device)
                 except Exception as exc:  # transformers' API moves: report it, keep our rows

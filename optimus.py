@@ -734,6 +734,10 @@ def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch
 # blocks (prefill) use SDPA over the cache with a mask. The CUDA kernel keeps that many queries in
 # shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
 DECODE_ATTENTION_MAX_QUERIES = 64
+# Rows (batch x new tokens) up to which a decoding step's projections go through decode_linear:
+# on the H200 one row was faster than cuBLAS's GEMV plus the separate norm and add kernels, four
+# rows slower (its x rows share the weight reads but not the multiplies; tools/bench_decode_linear.py).
+DECODE_LINEAR_MAX_ROWS = 1
 
 def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5, swiglu: bool = False,
                   impl: str = "ref") -> torch.Tensor:
@@ -849,6 +853,22 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, impl: str, cache=None, pos=None, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, impl, cache, pos, mask)
         return x + self.mlp(self.norm2(x), impl)
+
+    def decode_row(self, x: torch.Tensor, cos, sin, cache: KVCache, pos) -> torch.Tensor:
+        """forward's math for one new token per row, x (B, dim) at pos (B, 1), on the extension:
+        each projection one decode_linear launch with the norm before it and the SwiGLU or the
+        residual add after it folded in (norm1 + QKV, rotary + cache write, attention, wo +
+        residual, norm2 + gate-up + SwiGLU, down + residual: six launches)."""
+        a, B = self.attn, x.shape[0]
+        H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        qkv = decode_linear(x, a.wqkv, self.norm1.weight, None, self.norm1.eps, False, "ext")  # (B, (H+2KV) hd)
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, keys, values = cache.update(q.view(B, 1, H, hd), k.view(B, 1, KV, hd), v.view(B, 1, KV, hd),
+                                       cos, sin, pos, "ext")                          # (B, H, 1, hd), caches
+        y = decode_attention(q, keys, values, pos, cache.status, "ext").reshape(B, H * hd)  # T = 1: (B, H*hd)
+        x = decode_linear(y, a.wo.weight, None, x, self.norm1.eps, False, "ext")              # (B, dim)
+        h = decode_linear(x, self.mlp.wgu, self.norm2.weight, None, self.norm2.eps, True, "ext")  # (B, hidden)
+        return decode_linear(h, self.mlp.down.weight, None, x, self.norm2.eps, False, "ext")
 
     def cached(self, x, delta, cos, sin, impl: str, cache: KVCache, pos, mask):
         """forward's math through the cache, each residual add fused with the norm after it:
@@ -971,6 +991,21 @@ class Transformer(nn.Module):
             a, m = block.attn, block.mlp
             a.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
             m.wgu = torch.cat([m.gate.weight, m.up.weight])
+
+    def step_logits(self, tokens: torch.Tensor, pos: torch.Tensor, caches, fused_linear: bool = True) -> torch.Tensor:
+        """Next-token logits (B, vocab_size) for one new token per row, tokens and pos (B, 1), through
+        the caches (after prepare_for_inference). Up to DECODE_LINEAR_MAX_ROWS rows on the
+        extension (`fused_linear`), each block is Block.decode_row and the final norm folds into
+        the LM head's decode_linear; otherwise hidden() and logits()."""
+        impl = self.kernels(tokens.device, training=False)
+        if not (fused_linear and impl == "ext" and tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS
+                and tokens.shape[1] == 1 and self.blocks[0].attn.wqkv is not None):
+            return self.logits(self.hidden(tokens, pos, caches)[:, -1])
+        x = self.tok_emb(tokens[:, 0])                                         # (B, dim)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode_row(x, self.rope_cos, self.rope_sin, cache, pos)
+        logits = decode_linear(x, self.head.weight, self.norm.weight, None, self.norm.eps, False, "ext")
+        return logits[:, : self.cfg.vocab_size]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head; padded vocabulary rows are cut off, so they can never be sampled."""
@@ -2094,8 +2129,9 @@ class Decoder:
     """
 
     @torch.no_grad()
-    def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None, compile: bool = False):
-        self.model, self.batch = model, batch
+    def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None, compile: bool = False,
+                 fused_linear: bool = True):
+        self.model, self.batch, self.fused_linear = model, batch, fused_linear
         device = model.tok_emb.weight.device
         model.prepare_for_inference()
         self.caches = [KVCache(batch, model.cfg, model.tok_emb.weight.dtype, device) for _ in model.blocks]
@@ -2110,7 +2146,7 @@ class Decoder:
             self.graph = self._capture()
 
     def _step(self) -> torch.Tensor:
-        return self.model.logits(self.model.hidden(self.tokens, self.pos, self.caches)[:, -1])  # (B, V)
+        return self.model.step_logits(self.tokens, self.pos, self.caches, self.fused_linear)  # (B, V)
 
     def _capture(self):
         stream = torch.cuda.Stream()

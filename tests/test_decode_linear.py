@@ -83,3 +83,30 @@ def test_bad_arguments_are_named():
 def test_opcheck():
     x, w, nw, res = inputs(2, 32, 48, torch.float32, "cpu", True, True, True)
     torch.library.opcheck(torch.ops.optimus.decode_linear.default, (x, w, nw, res, 1e-5, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_row_decoding_through_decode_linear_equals_full_forward_passes(device, monkeypatch):
+    """Batch 1 on the extension takes Transformer.step_logits' decode_linear path (six launches a
+    block); its greedy tokens are those of full forward passes, and its logits those of the
+    unfused cached path."""
+    torch.manual_seed(11)
+    model_cfg, _ = optimus.make_configs("tiny", impl="ext")
+    model = optimus.Transformer(model_cfg).to(device).eval()
+    calls = []
+    real = optimus.decode_linear
+    monkeypatch.setattr(optimus, "decode_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = torch.randint(0, 50257, (7,)).tolist()
+    decoder = optimus.Decoder(model, 1, use_graph=False)
+    fast = [int(t) for t in optimus.generate(model, [prompt], 20, temperature=0, eot_id=None, decoder=decoder)]
+    assert len(calls) == 19 * (4 * model_cfg.depth + 1)  # 19 steps after the prefill: 4 per block + the head
+    with torch.no_grad():
+        for i, token in enumerate(fast):
+            assert token == int(model(torch.tensor([prompt + fast[:i]], device=device))[0, -1].argmax()), i
+        tokens, pos = torch.tensor([[fast[0]]], device=device), torch.tensor([[len(prompt)]], device=device)
+        unfused = optimus.Decoder(model, 1, use_graph=False, fused_linear=False)
+        for d in (decoder, unfused):
+            d.prefill(torch.tensor([prompt], device=device), torch.tensor([len(prompt)], device=device))
+        torch.testing.assert_close(model.step_logits(tokens, pos, decoder.caches),
+                                   model.step_logits(tokens, pos, unfused.caches, fused_linear=False),
+                                   rtol=1e-4, atol=1e-4)
