@@ -165,6 +165,58 @@ def swiglu_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     return cases
 
 
+def swiglu_packed_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """The training MLP's activation on the extension: one (tokens, 2H) gate-up output read in
+    place, one (tokens, 2H) gradient written; against the reference on the halves, compiled."""
+    compiled = torch.compile(optimus.swiglu_packed_ref, dynamic=False)
+    tokens, hidden = (64 * 512 if device.type == "cuda" else 2 * 512), 2816
+    size = tokens * hidden * dtype.itemsize
+
+    def make():
+        return (torch.randn(tokens, 2 * hidden, device=device, dtype=dtype),
+                torch.randn(tokens, hidden, device=device, dtype=dtype))  # gate_up, grad
+
+    def backward(forward):
+        def prepare(x):
+            gate_up = x[0].detach().requires_grad_()
+            out = forward(gate_up)
+            return lambda: torch.autograd.grad(out, gate_up, x[1], retain_graph=True)
+        return prepare
+
+    return [
+        KernelCase("swiglu_packed fwd", f"{tokens}x2x{hidden}", dtype, 3 * size, make, {
+            "ext": lambda x: lambda: torch.ops.optimus.swiglu_packed(x[0]),
+            "ref": lambda x: lambda: optimus.swiglu_packed_ref(x[0]),
+            "compile": lambda x: lambda: compiled(x[0]),
+        }, True),
+        KernelCase("swiglu_packed bwd", f"{tokens}x2x{hidden}", dtype, 5 * size, make, {
+            "ext": backward(lambda gu: optimus.swiglu_packed(gu, impl="ext")),
+            "ref": backward(optimus.swiglu_packed_ref),
+            "compile": backward(compiled),
+        }, True),
+    ]
+
+
+def cross_entropy_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """The fused loss's kernel on one chunk of GPT-2 logits: read the chunk, write its gradient
+    over it. Each call overwrites its input with a gradient, which the next call reads as logits:
+    still random-looking numbers, never zeros."""
+    compiled = torch.compile(optimus.cross_entropy_fwd_bwd_ref, dynamic=False)
+    rows = optimus.LOSS_CHUNK_TOKENS if device.type == "cuda" else 64
+    cols, vocab = 50304, 50257
+
+    def make():
+        targets = torch.randint(0, vocab, (rows,), device=device)
+        targets[::7] = optimus.IGNORE_INDEX
+        return torch.randn(rows, cols, device=device, dtype=dtype), targets, torch.ones(1, device=device)
+
+    return [KernelCase("cross_entropy_fwd_bwd", f"{rows}x{cols}", dtype, 2 * rows * cols * dtype.itemsize, make, {
+        "ext": lambda x: lambda: torch.ops.optimus.cross_entropy_fwd_bwd(x[0], x[1], x[2], vocab),
+        "ref": lambda x: lambda: optimus.cross_entropy_fwd_bwd_ref(x[0], x[1], x[2], vocab),
+        "compile": lambda x: lambda: compiled(x[0], x[1], x[2], vocab),
+    }, True)]
+
+
 def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     compiled = torch.compile(optimus.rope_kv_append_ref, dynamic=False)
     H, KV, hd = 8, 2, 128  # the base model's attention
@@ -214,7 +266,8 @@ def bench_kernels(device: torch.device) -> list[dict]:
     cuda = device.type == "cuda"
     timer = graph_seconds_per_call if cuda else seconds_per_call
     with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
-        for case in swiglu_cases(device, dtype) + rope_cases(device, dtype):
+        for case in (swiglu_cases(device, dtype) + swiglu_packed_cases(device, dtype) + rope_cases(device, dtype)
+                     + cross_entropy_cases(device, dtype)):
             n_sets = 1
             if case.cold and case.bytes < 3 * l2:
                 n_sets = min(16, math.ceil(3 * l2 / case.bytes))
