@@ -339,8 +339,9 @@ class HFStep:
 
     def __init__(self, model_cfg, train_cfg, device: torch.device, micro_batch: int):
         import transformers
-        config = transformers.LlamaConfig(attn_implementation="sdpa", **{
-            k: v for k, v in optimus.hf_config(model_cfg).items() if k not in ("architectures", "model_type", "torch_dtype")})
+        fields = {k: v for k, v in optimus.hf_config(model_cfg).items()
+                  if k not in ("architectures", "model_type", "torch_dtype")}
+        config = transformers.LlamaConfig(attn_implementation="sdpa", **fields)
         torch.manual_seed(0)
         self.model = transformers.LlamaForCausalLM(config).to(device).train()
         if model_cfg.checkpointing:
