@@ -414,7 +414,14 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
                 batches = iter(optimus.train_loader(trainer.windows, 0, 1000, 2, pin=cuda))
                 step, micro, flops_model = (lambda i: trainer.train_step(batches)), trainer.micro_batch, trainer.model
                 finder_micro[name] = micro
-            seconds = seconds_per_call(step, device, STEP_BUDGETS[device.type])
+            try:
+                seconds = seconds_per_call(step, device, STEP_BUDGETS[device.type])
+            except torch.cuda.OutOfMemoryError:  # e.g. transformers at the finder's micro-batch: keep the rest
+                print(f"warning: train {name} {side}: out of memory", file=sys.stderr)
+                rows.append({"case": name, "side": side, "batch": batch, "micro_batch": micro,
+                             "checkpointing": checkpointing, "error": "out of memory"})
+                step = runner = trainer = batches = flops_model = None
+                continue
             tokens = batch * train_cfg.max_length
             row = {"case": name, "side": side, "batch": batch, "micro_batch": micro, "checkpointing": checkpointing,
                    "step_ms": seconds * 1e3, "tokens/s": tokens / seconds}
@@ -425,7 +432,7 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
             rows.append(row)
             hf = next((r for r in rows if r["case"] == name and r["side"] == "hf"), None)
             for r in rows:  # the ratio, once both sides of a case are in
-                if hf and r["case"] == name and r is not hf:
+                if hf and "tokens/s" in hf and "tokens/s" in r and r["case"] == name and r is not hf:
                     r["vs_hf"] = r["tokens/s"] / hf["tokens/s"]
             print(f"train {name} {side} batch {batch} (micro {micro}): {row['step_ms']:.1f} ms, "
                   f"{row['tokens/s']:,.0f} tokens/s" + (f", {row['vs_hf']:.2f}x hf" if "vs_hf" in row else "")
