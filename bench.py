@@ -166,6 +166,58 @@ def swiglu_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     return cases
 
 
+def swiglu_packed_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """The training MLP's activation on the extension: one (tokens, 2H) gate-up output read in
+    place, one (tokens, 2H) gradient written; against the reference on the halves, compiled."""
+    compiled = torch.compile(optimus.swiglu_packed_ref, dynamic=False)
+    tokens, hidden = (64 * 512 if device.type == "cuda" else 2 * 512), 2816
+    size = tokens * hidden * dtype.itemsize
+
+    def make():
+        return (torch.randn(tokens, 2 * hidden, device=device, dtype=dtype),
+                torch.randn(tokens, hidden, device=device, dtype=dtype))  # gate_up, grad
+
+    def backward(forward):
+        def prepare(x):
+            gate_up = x[0].detach().requires_grad_()
+            out = forward(gate_up)
+            return lambda: torch.autograd.grad(out, gate_up, x[1], retain_graph=True)
+        return prepare
+
+    return [
+        KernelCase("swiglu_packed fwd", f"{tokens}x2x{hidden}", dtype, 3 * size, make, {
+            "ext": lambda x: lambda: torch.ops.optimus.swiglu_packed(x[0]),
+            "ref": lambda x: lambda: optimus.swiglu_packed_ref(x[0]),
+            "compile": lambda x: lambda: compiled(x[0]),
+        }, True),
+        KernelCase("swiglu_packed bwd", f"{tokens}x2x{hidden}", dtype, 5 * size, make, {
+            "ext": backward(lambda gu: optimus.swiglu_packed(gu, impl="ext")),
+            "ref": backward(optimus.swiglu_packed_ref),
+            "compile": backward(compiled),
+        }, True),
+    ]
+
+
+def cross_entropy_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """The fused loss's kernel on one chunk of GPT-2 logits: read the chunk, write its gradient
+    over it. Each call overwrites its input with a gradient, which the next call reads as logits:
+    still random-looking numbers, never zeros."""
+    compiled = torch.compile(optimus.cross_entropy_fwd_bwd_ref, dynamic=False)
+    rows = optimus.LOSS_CHUNK_TOKENS if device.type == "cuda" else 64
+    cols, vocab = 50304, 50257
+
+    def make():
+        targets = torch.randint(0, vocab, (rows,), device=device)
+        targets[::7] = optimus.IGNORE_INDEX
+        return torch.randn(rows, cols, device=device, dtype=dtype), targets, torch.ones(1, device=device)
+
+    return [KernelCase("cross_entropy_fwd_bwd", f"{rows}x{cols}", dtype, 2 * rows * cols * dtype.itemsize, make, {
+        "ext": lambda x: lambda: torch.ops.optimus.cross_entropy_fwd_bwd(x[0], x[1], x[2], vocab),
+        "ref": lambda x: lambda: optimus.cross_entropy_fwd_bwd_ref(x[0], x[1], x[2], vocab),
+        "compile": lambda x: lambda: compiled(x[0], x[1], x[2], vocab),
+    }, True)]
+
+
 def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     compiled = torch.compile(optimus.rope_kv_append_ref, dynamic=False)
     H, KV, hd = 8, 2, 128  # the base model's attention
@@ -215,7 +267,8 @@ def bench_kernels(device: torch.device) -> list[dict]:
     cuda = device.type == "cuda"
     timer = graph_seconds_per_call if cuda else seconds_per_call
     with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
-        for case in swiglu_cases(device, dtype) + rope_cases(device, dtype):
+        for case in (swiglu_cases(device, dtype) + swiglu_packed_cases(device, dtype) + rope_cases(device, dtype)
+                     + cross_entropy_cases(device, dtype)):
             n_sets = 1
             if case.cold and case.bytes < 3 * l2:
                 n_sets = min(16, math.ceil(3 * l2 / case.bytes))
@@ -287,8 +340,9 @@ class HFStep:
 
     def __init__(self, model_cfg, train_cfg, device: torch.device, micro_batch: int):
         import transformers
-        config = transformers.LlamaConfig(attn_implementation="sdpa", **{
-            k: v for k, v in optimus.hf_config(model_cfg).items() if k not in ("architectures", "model_type", "torch_dtype")})
+        fields = {k: v for k, v in optimus.hf_config(model_cfg).items()
+                  if k not in ("architectures", "model_type", "torch_dtype")}
+        config = transformers.LlamaConfig(attn_implementation="sdpa", **fields)
         torch.manual_seed(0)
         self.model = transformers.LlamaForCausalLM(config).to(device).train()
         if model_cfg.checkpointing:
@@ -361,7 +415,14 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
                 batches = iter(optimus.train_loader(trainer.windows, 0, 1000, 2, pin=cuda))
                 step, micro, flops_model = (lambda i: trainer.train_step(batches)), trainer.micro_batch, trainer.model
                 finder_micro[name] = micro
-            seconds = seconds_per_call(step, device, STEP_BUDGETS[device.type])
+            try:
+                seconds = seconds_per_call(step, device, STEP_BUDGETS[device.type])
+            except torch.cuda.OutOfMemoryError:  # e.g. transformers at the finder's micro-batch: keep the rest
+                print(f"warning: train {name} {side}: out of memory", file=sys.stderr)
+                rows.append({"case": name, "side": side, "batch": batch, "micro_batch": micro,
+                             "checkpointing": checkpointing, "error": "out of memory"})
+                step = runner = trainer = batches = flops_model = None
+                continue
             tokens = batch * train_cfg.max_length
             row = {"case": name, "side": side, "batch": batch, "micro_batch": micro, "checkpointing": checkpointing,
                    "step_ms": seconds * 1e3, "tokens/s": tokens / seconds}
@@ -372,7 +433,7 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
             rows.append(row)
             hf = next((r for r in rows if r["case"] == name and r["side"] == "hf"), None)
             for r in rows:  # the ratio, once both sides of a case are in
-                if hf and r["case"] == name and r is not hf:
+                if hf and "tokens/s" in hf and "tokens/s" in r and r["case"] == name and r is not hf:
                     r["vs_hf"] = r["tokens/s"] / hf["tokens/s"]
             print(f"train {name} {side} batch {batch} (micro {micro}): {row['step_ms']:.1f} ms, "
                   f"{row['tokens/s']:,.0f} tokens/s" + (f", {row['vs_hf']:.2f}x hf" if "vs_hf" in row else "")

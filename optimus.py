@@ -701,7 +701,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-@torch.compiler.disable  # eager inside a compiled model: its mm and one kernel per chunk gain nothing from tracing
+# Eager inside a compiled model (a graph break): the chunk loop, the in-place op and the gradients
+# made in the forward stay out of the graph. A compiled formulation of the loss was not measured.
+@torch.compiler.disable
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                          reduction: str = "mean", impl: str = "ext", chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """linear_cross_entropy_ref, fused and chunked (impl "ext": the extension's kernel; "ref": its
@@ -1848,8 +1850,8 @@ class Trainer:
         return {
             "model_config": dataclasses.asdict(self.model.cfg), "training_config": dataclasses.asdict(self.cfg),
             "micro_batch": self.micro_batch, "world_size": self.dist.world, "total_steps": self.total_steps,
-            "kernels": self.impl, "loss_kernels": self.loss_impl, "code_version": git_commit(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
+            "kernels": self.impl, "loss_kernels": self.loss_impl, "code_version": git_commit(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0], "argv": sys.argv,
             "device": torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "cpu",
             "dtype": str(self.rt.dtype), "data": self.meta, "parameters": self.model.num_params(),
             "loss_on": self.loss_on,

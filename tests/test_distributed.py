@@ -3,13 +3,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import optimus
 from conftest import ROOT
 from test_train import write_dolly
 
-COMMON = ["train", "--preset", "tiny", "--impl", "ref", "--device", "cpu", "--max_steps", "6",
+COMMON = ["train", "--preset", "tiny", "--device", "cpu", "--max_steps", "6",
           "--max_length", "32", "--batch_size", "4", "--log_interval", "1", "--eval_interval", "3",
           "--eval_batches", "2", "--learning_rate", "3e-3"]
 
@@ -19,7 +20,8 @@ def curve(run_dir):
     return [(r["step"], key, r[key]) for r in rows for key in ("train_loss", "val_loss") if key in r]
 
 
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("impl", ["ref", "ext"])  # ext: the fused loss's gradients reach DDP's hooks too
+def test_two_ranks_match_one_process(tmp_path, impl):
     data = tmp_path / "tokens"
     source = write_dolly(tmp_path / "dolly.jsonl", 120)
     runs = {
@@ -29,7 +31,7 @@ def test_two_ranks_match_one_process(tmp_path):
     }
     for name, launcher in runs.items():  # the first run also prepares the data
         result = subprocess.run(
-            [*launcher, *COMMON, "--data_input", str(source), "--data_dir", str(data),
+            [*launcher, *COMMON, "--impl", impl, "--data_input", str(source), "--data_dir", str(data),
              "--checkpoint_dir", str(tmp_path / name), "--tensorboard_dir", str(tmp_path / "runs"),
              "--run_name", name], capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -55,7 +57,7 @@ def test_two_ranks_resume_bit_for_bit(tmp_path):
     --max_steps 3 on the same schedule as the unbroken run."""
     source = write_dolly(tmp_path / "dolly.jsonl", 120)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(ROOT / "optimus.py"), *COMMON, "--data_input", str(source), "--data_dir", str(tmp_path / "tokens"),
+                str(ROOT / "optimus.py"), *COMMON, "--impl", "ref", "--data_input", str(source), "--data_dir", str(tmp_path / "tokens"),
                 "--warmup_steps", "0", "--min_lr_ratio", "1", "--tensorboard_dir", str(tmp_path / "runs")]
     legs = {"straight": [["--max_steps", "6"]], "resumed": [["--max_steps", "3"], ["--max_steps", "6", "--resume"]]}
     for name, runs in legs.items():

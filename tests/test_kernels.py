@@ -198,7 +198,8 @@ def test_swiglu_reads_the_halves_of_a_packed_tensor_in_place(device, dtype, lead
     views = {"packed": (packed[..., :H], packed[..., H:]), "offset": (wide[..., 1:H + 1], wide[..., H + 2:2 * H + 2])}
     for name, (gate, up) in views.items():
         assert not gate.is_contiguous() and gate.stride(-1) == 1, name
-        torch.testing.assert_close(torch.ops.optimus.swiglu(gate, up), optimus.swiglu_ref(gate, up), **TOL[dtype], msg=name)
+        out = torch.ops.optimus.swiglu(gate, up)
+        torch.testing.assert_close(out, optimus.swiglu_ref(gate, up), **TOL[dtype], msg=name)
         d_gate, d_up = torch.ops.optimus.swiglu_backward(grad, gate, up)
         exp_gate, exp_up = swiglu_backward_float64(grad, gate, up)
         torch.testing.assert_close(d_gate, exp_gate.to(dtype), **TOL[dtype], msg=name)
