@@ -2448,6 +2448,8 @@ def cmd_sample(argv: list[str]) -> int:
         raise UserError(f"--impl must be auto, ext or ref, got '{args['impl']}'")
     if args["max_new_tokens"] is not None and args["max_new_tokens"] < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {args['max_new_tokens']}")
+    if args["seed"] is not None and not 0 <= args["seed"] < 2**63:  # torch.Generator's range, as train's --seed
+        raise UserError(f"--seed must be in [0, 2**63), got {args['seed']}")
     enc = load_tokenizer()
     rt = resolve_runtime(args["device"])
     model, ckpt = load_checkpoint(args["ckpt"], rt.device)

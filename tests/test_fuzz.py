@@ -353,8 +353,6 @@ def test_subprocess_errors_are_one_line(world, tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []  # a refused run writes nothing
 
 
-@pytest.mark.xfail(strict=True, reason="cmd_sample (issue 11's CLI) hands --seed to torch.Generator unchecked: "
-                                       "ValueError: Overflow when unpacking long long")
 def test_sample_seed_beyond_64_bits_is_one_line(world, tmp_path):
     code, _, err, escaped = run_inprocess(["sample", "--ckpt", str(world / "ckpt"), "--prompt", "hi", "--impl", "ref",
                                            "--max_new_tokens", "8", "--seed", str(2**64)], tmp_path)
