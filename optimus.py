@@ -2095,6 +2095,14 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float
     return probs
 
 
+def sampling_kernel_wins(device: torch.device) -> bool:
+    """Whether `impl="auto"` samples with the extension's kernel: on CPU, not on CUDA. On the H200
+    the kernel took 626 us a step (bench.py decode profile, 2026-12-01: one block per row, whose
+    shared-memory histogram atomics pile up on the few bins that hold most probabilities), the
+    sort-based reference about 120 us; "ext" still asks for the kernel anywhere."""
+    return device.type != "cuda"
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                 generator: torch.Generator | None = None, impl: str = "auto") -> torch.Tensor:
     """Next tokens (B,) from (B, V) logits. temperature 0 is argmax. No host synchronization:
@@ -2104,7 +2112,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     if temperature == 0:
         return logits.argmax(-1)
     race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
-    if resolve_impl(impl, logits.device) == "ext":
+    if impl == "ext" or (impl == "auto" and sampling_kernel_wins(logits.device) and
+                         resolve_impl(impl, logits.device) == "ext"):
         return torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
     return (logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1)
 
@@ -2254,7 +2263,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     logits = decoder.prefill(padded.to(device), lengths)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, top_k, generator, impl=model.kernels(device, False))
+        token = sample_next(logits, temperature, top_p, top_k, generator,
+                            impl="auto" if model.kernels(device, False) == "ext" else "ref")
         if eot_id is not None:
             token = token.masked_fill(done, eot_id)
             done |= token == eot_id
@@ -2286,10 +2296,15 @@ def inference_model(ckpt: str, device: str, impl: str) -> tuple[Transformer, dic
     """A checkpoint's model ready to generate: on `device`, eval mode, bf16/fp16 weights on CUDA."""
     rt = resolve_runtime(device)
     model, ckpt_dict = load_checkpoint(ckpt, rt.device)
-    if model.cfg.vocab_size < data_prep.VOCAB_SIZE:  # a prompt's GPT-2 ids would have no embedding row
+    check_tokenizer_fits(model, ckpt)
+    return ready_to_generate(model, rt, impl), ckpt_dict, rt
+
+
+def check_tokenizer_fits(model: Transformer, ckpt) -> None:
+    """Refuse a model whose vocabulary is smaller than GPT-2's: a prompt's ids would have no row."""
+    if model.cfg.vocab_size < data_prep.VOCAB_SIZE:
         raise UserError(f"{ckpt}: the model's vocab_size {model.cfg.vocab_size} is smaller than GPT-2's "
                         f"{data_prep.VOCAB_SIZE}, the tokenizer sample uses: pass another --ckpt")
-    return ready_to_generate(model, rt, impl), ckpt_dict, rt
 
 
 DEFAULT_MAX_NEW_TOKENS = 256  # an answer's length limit when the user sets none and the model has room
@@ -2453,6 +2468,7 @@ def cmd_sample(argv: list[str]) -> int:
     enc = load_tokenizer()
     rt = resolve_runtime(args["device"])
     model, ckpt = load_checkpoint(args["ckpt"], rt.device)
+    check_tokenizer_fits(model, args["ckpt"])
     max_new_tokens = fit_max_new_tokens(args["max_new_tokens"], model.cfg.max_seq_len)
     model = ready_to_generate(model, rt, args["impl"])
     generator = None

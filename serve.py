@@ -22,6 +22,7 @@ import collections
 import json
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -270,6 +271,8 @@ class Engine:
                  compile: bool = False):
         self.model, self.enc, self.max_batch = model, enc, max_batch
         self.device = model.tok_emb.weight.device
+        # As generate() samples: a model on the references never builds the extension for sampling.
+        self.sample_impl = "auto" if model.kernels(self.device, False) == "ext" else "ref"
         self.decoder = optimus.Decoder(model, max_batch, compile=compile)
         if self.device.type == "cuda":  # load every kernel before the first request is timed
             self.decoder.warm_up()
@@ -379,7 +382,8 @@ class Engine:
         for idx in groups.values():
             s = slots[idx[0]]
             index = torch.tensor(idx, device=self.device)
-            out[index] = optimus.sample_next(logits[index], s.job.temperature, s.job.top_p, s.job.top_k, s.generator)
+            out[index] = optimus.sample_next(logits[index], s.job.temperature, s.job.top_p, s.job.top_k, s.generator,
+                                             impl=self.sample_impl)
         return out.tolist()  # the step's one host synchronization
 
     def _advance(self, row: int, token: int) -> None:
@@ -679,6 +683,10 @@ def run(ckpt: str, host: str, port: int, max_batch: int, max_queue: int, device:
                                 f"pick another --port or --host") from None
     thread = threading.Thread(target=server.serve_forever, name="optimus-http", daemon=True)
     thread.start()
+    # Ctrl-C (SIGINT) stops the server even when its parent started it with SIGINT ignored (a
+    # shell's background job), as the trainer's own handler does: Python would then never raise
+    # KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     engine = None
     try:
         print(f"listening on {server.url} (loading {path}; /health says 503 until ready)", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 OUT="${OUT:-out}"
-export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$PWD/.carry/tiktoken_cache}"
+export TIKTOKEN_CACHE_DIR="$PWD/.carry/tiktoken_cache"  # the machine may set its own, empty one
 mkdir -p "$OUT"
 failed=0
 stage() { echo "--- $(date -u +%T) ($SECONDS s) $*"; }
