@@ -1485,8 +1485,9 @@ def ensure_token_files(cfg: TrainingConfig, dist: DistEnv) -> dict:
                 check_data_source(data_dir, Path(cfg.data_input))
             if not present or cfg.data_input:  # prepare() does nothing when the tokens are up to date
                 if not present:
-                    print(f"no token files in {data_dir}: preparing them first from "
-                          f"{cfg.data_input or cfg.dataset_name}")
+                    missing = [n for n in ("train.bin", "val.bin", "meta.json") if not (data_dir / n).is_file()]
+                    what = "no token files" if len(missing) == 3 else f"{', '.join(missing)} missing"
+                    print(f"{what} in {data_dir}: preparing them first from {cfg.data_input or cfg.dataset_name}")
                 meta = data_prep.prepare(cfg.data_input or None, str(data_dir), cfg.dataset_size,
                                          cfg.train_val_split, cfg.seed, cfg.dataset_name, input_flag="--data_input")
                 counts = meta["counts"]

@@ -344,3 +344,15 @@ def test_cuda_fused_loss_training_follows_the_reference_path(tmp_path, data_dir)
     for step, (a, b) in enumerate(zip(curves["ref"], curves["ext"])):
         assert abs(a - b) < 2e-2 * a, (step, a, b)
     assert curves["ext"][-1] < curves["ext"][0] - 2
+
+
+def test_a_missing_meta_json_is_named_not_called_no_token_files(tmp_path, capsys):
+    source = write_dolly(tmp_path / "mine.jsonl", 30)
+    cfg = optimus.TrainingConfig(data_dir=str(tmp_path / "tokens"), data_input=str(source), dataset_size=0)
+    optimus.ensure_token_files(cfg, optimus.DistEnv())
+    assert "no token files in" in capsys.readouterr().out
+    (tmp_path / "tokens" / "meta.json").unlink()
+    meta = optimus.ensure_token_files(cfg, optimus.DistEnv())
+    out = capsys.readouterr().out
+    assert f"meta.json missing in {tmp_path / 'tokens'}" in out and "no token files" not in out
+    assert meta["source"]["path"] == str(source)
