@@ -2979,7 +2979,11 @@ def cmd_export(argv: list[str]) -> int:
     flags = command_flags(argv, EXPORT_FLAGS)
     if not flags["out"]:
         raise UserError("export needs --out DIR: the directory to write the Hugging Face model to")
-    out = export_hf(flags["ckpt"], flags["out"], force=flags["force"])
+    try:
+        out = export_hf(flags["ckpt"], flags["out"], force=flags["force"])
+    except OSError as exc:  # a full disk, a read-only folder: export_hf has removed its staging copy
+        raise UserError(f"cannot write the export to {flags['out']} ({exc.strerror or exc}): free some space "
+                        f"or choose another --out") from None
     print(f"exported {find_checkpoint(flags['ckpt'])} to {out}/ ({', '.join(HF_FILES)})")
     print(f"load it with transformers: LlamaForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -206,3 +206,14 @@ def test_cli_needs_out(tmp_path):
     tiny_checkpoint(tmp_path / "model.pt")
     with pytest.raises(optimus.UserError, match="export needs --out DIR"):
         cmd_export(["--ckpt", str(tmp_path / "model.pt")])
+
+
+def test_a_full_disk_during_export_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(optimus, "export_hf", full)
+    assert optimus.main(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write the export") and "No space left" in err[0]
