@@ -19,6 +19,18 @@
  * by (B, KV, S) and the SM count (so the grid does not change inside a CUDA graph): about two
  * blocks per SM when the positions fill the cache.
  *
+ * The one-token kernel (G * T <= kWarpQueries and hd a multiple of 32 up to 256: a decoding
+ * step's shape) keeps everything in registers instead: each warp takes every kWarps-th group of
+ * kSlots slots of its split, its lanes hold hd / 32 dims of each query and of its accumulators,
+ * the kSlots key and value rows of a group are loaded at once (one coalesced row per warp load),
+ * a score is a lane-wise product summed by shuffles, and the online softmax rescales once per
+ * group. The block's warps merge their (m, l, acc) through shared memory at the end, then write
+ * the output or the split's part as above. There is no tile barrier in the slot loop, so the
+ * block's loads are never serialised behind its arithmetic; the tiled kernel stays for longer
+ * query blocks (up to 64 queries per kv head) and odd head dims.
+ * The merge kernel is launched with programmatic stream serialization (sm_90+), so its launch
+ * overlaps the split kernel's tail; it waits (griddepcontrol.wait) before reading the parts.
+ *
  * Memory layout: q (B, H, T, hd), caches (B, KV, S, hd), out (B, H, T, hd), all contiguous;
  * pos (B, T) int64. A tile of slots is one contiguous run of the cache: 16-byte loads when hd is
  * a multiple of 8 (bf16/fp16) or 4 (fp32) and the caches are 16-byte aligned, else per element.
@@ -47,6 +59,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;      // slots per shared-memory tile: one warp's lanes in the softmax step
 constexpr int kPackBytes = 16;  // widest global load a thread can issue
 constexpr int kBlocksPerSm = 2; // splits aim at this many blocks per SM
+constexpr int kWarpQueries = 8; // the one-token kernel's most queries per block (G * T)
+constexpr int kWarpMaxDim = 256;
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -180,12 +194,136 @@ decode_attention_split_kernel(const T* __restrict__ q, const T* __restrict__ k_c
   }
 }
 
+// One-token kernel (see the opening comment). Q: most queries per block (G * T), D: most dims
+// per lane (hd / 32); the actual a.GT and a.hd / 32 may be smaller (loops guarded, unrolled).
+template <typename T, int Q, int D>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_warp_kernel(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                             const int64_t* __restrict__ pos, float* __restrict__ part_acc,
+                             float* __restrict__ part_ml, T* __restrict__ out, int* __restrict__ status,
+                             const DecodeArgs a) {
+  __shared__ float w_acc[kWarps][Q][D * 32];  // each warp's accumulators, then merged
+  __shared__ float w_m[kWarps][Q], w_l[kWarps][Q];
+  const int split = blockIdx.x, bk = blockIdx.y, b = bk / a.KV, kvh = bk % a.KV;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int GT = a.GT, dl = a.hd / 32;  // dims per lane: lane holds d = lane * dl + i
+  const int64_t row0 = (static_cast<int64_t>(b) * a.H + kvh * a.G) * a.T;  // output row of query 0
+
+  int lim[Q];  // last visible slot of each query (uniform over the warp)
+  int last = -1;
+#pragma unroll
+  for (int qi = 0; qi < Q; ++qi) {
+    lim[qi] = -1;
+    if (qi < GT) {
+      const int64_t p = pos[static_cast<int64_t>(b) * a.T + qi % a.T];
+      if ((p < 0 || p >= a.S) && split == 0 && kvh == 0 && lane == 0 && warp == 0) *status = 1;
+      lim[qi] = static_cast<int>(min(max(p, int64_t{0}), int64_t{a.S - 1}));
+      last = max(last, lim[qi]);
+    }
+  }
+  float qr[Q][D], acc[Q][D], m[Q], l[Q];
+#pragma unroll
+  for (int qi = 0; qi < Q; ++qi) {
+    m[qi] = -INFINITY;
+    l[qi] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D; ++i) {
+      acc[qi][i] = 0.f;
+      qr[qi][i] = (qi < GT && i < dl) ? static_cast<float>(q[(row0 + qi) * a.hd + lane * dl + i]) * a.scale : 0.f;
+    }
+  }
+  constexpr int kSlots = 4;  // slots per warp per round: their rows are loaded together
+  const int start = split * a.split_len, end = min(start + a.split_len, last + 1);
+  const T* k_base = k_cache + static_cast<int64_t>(bk) * a.S * a.hd + lane * dl;
+  const T* v_base = v_cache + static_cast<int64_t>(bk) * a.S * a.hd + lane * dl;
+  for (int c0 = start + warp * kSlots; c0 < end; c0 += kWarps * kSlots) {
+    float kv[kSlots][D], vv[kSlots][D];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const bool in = c0 + j < end;
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        kv[j][i] = (in && i < dl) ? static_cast<float>(k_base[static_cast<int64_t>(c0 + j) * a.hd + i]) : 0.f;
+        vv[j][i] = (in && i < dl) ? static_cast<float>(v_base[static_cast<int64_t>(c0 + j) * a.hd + i]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int qi = 0; qi < Q; ++qi) {
+      if (qi >= GT) break;
+      float sc[kSlots];
+      float m_new = m[qi];
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        float x = 0.f;
+#pragma unroll
+        for (int i = 0; i < D; ++i) x = fmaf(qr[qi][i], kv[j][i], x);
+        x = warp_sum(x);
+        sc[j] = c0 + j <= lim[qi] && c0 + j < end ? x : -INFINITY;
+        m_new = fmaxf(m_new, sc[j]);
+      }
+      if (m_new == -INFINITY) continue;  // nothing visible to this query yet
+      const float c = expf(m[qi] - m_new);  // 0 when m was -inf
+      l[qi] *= c;
+#pragma unroll
+      for (int i = 0; i < D; ++i) acc[qi][i] *= c;
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        const float pj = expf(sc[j] - m_new);  // 0 for a masked slot
+        l[qi] += pj;
+#pragma unroll
+        for (int i = 0; i < D; ++i) acc[qi][i] = fmaf(pj, vv[j][i], acc[qi][i]);
+      }
+      m[qi] = m_new;
+    }
+  }
+  // Merge the warps: M = max m_w, acc = sum_w exp(m_w - M) acc_w, l likewise.
+#pragma unroll
+  for (int qi = 0; qi < Q; ++qi) {
+    if (qi >= GT) break;
+    if (lane == 0) {
+      w_m[warp][qi] = m[qi];
+      w_l[warp][qi] = l[qi];
+    }
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+      if (i < dl) w_acc[warp][qi][lane * dl + i] = acc[qi][i];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < GT * a.hd; e += kThreads) {
+    const int qi = e / a.hd, d = e % a.hd;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, w_m[w][qi]);
+    float x = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = w_m[w][qi] == -INFINITY ? 0.f : expf(w_m[w][qi] - M);
+        x += f * w_acc[w][qi][d];
+        L += f * w_l[w][qi];
+      }
+    }
+    if (a.splits == 1) {
+      out[(row0 + qi) * a.hd + d] = static_cast<T>(x / L);  // split 0 holds slot 0: L > 0
+    } else {
+      part_acc[((row0 + qi) * a.splits + split) * a.hd + d] = x;
+      if (d == 0) {
+        part_ml[((row0 + qi) * a.splits + split) * 2] = M;
+        part_ml[((row0 + qi) * a.splits + split) * 2 + 1] = L;
+      }
+    }
+  }
+}
+
 // One block per output row: merges the splits' (acc, m, l). A split with no visible slot has
 // m = -inf and weight 0; split 0 always holds slot 0, so the total weight is positive.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                T* __restrict__ out, const DecodeArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the parts are the split kernel's output
+#endif
   const int64_t row = blockIdx.x;
   const float* ml = part_ml + row * a.splits * 2;
   float M = -INFINITY;
@@ -205,9 +343,63 @@ decode_attention_reduce_kernel(const float* __restrict__ part_acc, const float* 
 // Called by decode_attention.cpp once every argument is checked (one dtype, contiguous tensors on
 // the current device, G * T <= 64, hd <= 256, 32-bit indices suffice).
 
+// The merge of the splits' parts, launched so that it may start while the split kernel drains.
+template <typename T>
+cudaError_t launch_reduce(const at::Tensor& part_acc, const at::Tensor& part_ml, at::Tensor& out, const DecodeArgs& a,
+                          int64_t rows, cudaStream_t stream) {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    major = 0;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned int>(rows));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = major >= 9 ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, decode_attention_reduce_kernel<T>, part_acc.const_data_ptr<float>(),
+                                             part_ml.const_data_ptr<float>(), static_cast<T*>(out.mutable_data_ptr()), a);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+template <typename T, int Q, int D>
+cudaError_t launch_warp(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+                        at::Tensor& status, const DecodeArgs& a, at::Tensor& out) {
+  const int64_t rows = q.size(0) * a.H * a.T;
+  at::Tensor part_acc, part_ml;
+  if (a.splits > 1) {
+    part_acc = at::empty({rows, a.splits, a.hd}, q.options().dtype(at::kFloat));
+    part_ml = at::empty({rows, a.splits, 2}, q.options().dtype(at::kFloat));
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(a.splits, static_cast<unsigned int>(q.size(0) * a.KV));
+  decode_attention_warp_kernel<T, Q, D><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k_cache.const_data_ptr()),
+      static_cast<const T*>(v_cache.const_data_ptr()), pos.const_data_ptr<int64_t>(),
+      a.splits > 1 ? part_acc.mutable_data_ptr<float>() : nullptr,
+      a.splits > 1 ? part_ml.mutable_data_ptr<float>() : nullptr, static_cast<T*>(out.mutable_data_ptr()),
+      status.mutable_data_ptr<int>(), a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || a.splits == 1) return err;
+  return launch_reduce<T>(part_acc, part_ml, out, a, rows, stream);
+}
+
 template <typename T, int V>
 cudaError_t launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
                    at::Tensor& status, const DecodeArgs& a, at::Tensor& out) {
+  if (a.GT <= kWarpQueries && a.hd % 32 == 0 && a.hd <= kWarpMaxDim) {
+    if (a.hd <= 128) {
+      return a.GT <= 4 ? launch_warp<T, 4, 4>(q, k_cache, v_cache, pos, status, a, out)
+                       : launch_warp<T, kWarpQueries, 4>(q, k_cache, v_cache, pos, status, a, out);
+    }
+    return a.GT <= 4 ? launch_warp<T, 4, 8>(q, k_cache, v_cache, pos, status, a, out)
+                     : launch_warp<T, kWarpQueries, 8>(q, k_cache, v_cache, pos, status, a, out);
+  }
   const int64_t rows = q.size(0) * a.H * a.T;
   at::Tensor part_acc, part_ml;
   if (a.splits > 1) {
@@ -235,9 +427,7 @@ cudaError_t launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       status.mutable_data_ptr<int>(), a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1) return err;
-  decode_attention_reduce_kernel<T><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-      part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(), static_cast<T*>(out.mutable_data_ptr()), a);
-  return cudaGetLastError();
+  return launch_reduce<T>(part_acc, part_ml, out, a, rows, stream);
 }
 
 template <typename T>

@@ -19,6 +19,16 @@
  *
  * Dtypes: float32, bfloat16, float16. Packs of 16 bytes when K is a multiple of the pack and
  * every row start is 16-byte aligned, one element otherwise.
+ *
+ * Programmatic dependent launch (sm_90+): the kernel is launched with the programmatic stream
+ * serialization attribute, so it may start while the kernel before it in the stream is still
+ * running. Until `griddepcontrol.wait` it touches only its weights and norm gain, which no kernel
+ * of the step writes: its first round of weight loads overlaps the previous kernel's tail and this
+ * kernel's own launch. After the wait (the previous grid complete, its writes visible) it reads x
+ * and the residual and writes out. Each block triggers its dependents once its loads are issued,
+ * so the next projection's blocks take the SMs this one leaves idle. Without the attribute (or on
+ * an older GPU) the wait returns at once and the order is the stream's usual one. The environment
+ * variable OPTIMUS_PDL=0 launches without it (bench.py measures both).
  */
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,6 +38,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace optimus {
 namespace {
@@ -35,7 +47,12 @@ namespace {
 constexpr int kWarps = 4;      // warps per block: 128 threads
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 4;    // x rows per launch (the batch of a decoding step, in groups)
-constexpr int kUnroll = 4;     // weight packs per lane in flight before the first multiply
+// Weight packs per lane (per weight row) in flight before the first multiply (the kernel's U):
+// kUnroll covers a row of K = 1024 bf16; kLongUnroll a whole row of K = 2816 (11 packs), for the
+// down projection, whose grid (one warp per column, 1024 columns) is too small to cover the
+// memory latency with 4 packs per lane. It costs registers, so only rows that long get it.
+constexpr int kUnroll = 4;
+constexpr int kLongUnroll = 12;
 constexpr int kPackBytes = 16;
 
 template <typename T, int V>
@@ -50,7 +67,7 @@ __device__ __forceinline__ float round_to(float v) {  // the value of v once sto
 
 // ----------------------------------------------------------------------------- kernel
 
-template <typename T, int V, int NB, bool SWIGLU>
+template <typename T, int V, int NB, bool SWIGLU, int U>
 __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
     const T* __restrict__ x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
     const T* __restrict__ residual, T* __restrict__ out, int K, int n_out, int half, float eps) {
@@ -61,14 +78,14 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   const int packs = K / V;
   const int warps_total = gridDim.x * kWarps;
 
-  // A warp's weight packs for one round: kUnroll packs per lane of column j's row(s), from p0.
-  Pack<T, V> wp[kUnroll][kRows];
+  // A warp's weight packs for one round: U packs per lane of column j's row(s), from p0.
+  Pack<T, V> wp[U][kRows];
   auto load = [&](int j, int p0) {
     const Pack<T, V>* rows[kRows];
     rows[0] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j) * K);
     if constexpr (SWIGLU) rows[1] = reinterpret_cast<const Pack<T, V>*>(w + static_cast<int64_t>(j + half) * K);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int p = p0 + u * 32;
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
@@ -79,6 +96,10 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   // of a few microseconds otherwise waits for x, its norm, a barrier, then the weights in turn).
   int j = blockIdx.x * kWarps + warp;
   if (j < n_out) load(j, lane);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // x and residual are the previous kernels' output
+#endif
 
   // Prologue: x -> shared memory, normalised as RMSNorm does (float32 statistics, rounded to T,
   // times the gain in T).
@@ -115,10 +136,10 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
     for (int r = 0; r < kRows; ++r)
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
-    for (int p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
+    for (int p0 = lane; p0 < packs; p0 += 32 * U) {
       if (!(prefetched && p0 == lane)) load(j, p0);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int p = p0 + u * 32;
         if (p >= packs) break;
 #pragma unroll
@@ -158,14 +179,32 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
 
 // ----------------------------------------------------------------------------- launcher
 
+// Programmatic dependent launch needs compute capability 9.0; OPTIMUS_PDL=0 turns it off (read
+// once per process).
+bool pdl_enabled(int device) {
+  static const bool wanted = [] {
+    const char* v = std::getenv("OPTIMUS_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return wanted && major >= 9;
+}
+
 bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0;
 }
 
-template <typename T, int V, int NB, bool SWIGLU>
+template <typename T, int V, int NB, bool SWIGLU, int U = kUnroll>
 cudaError_t launch(const T* x, int64_t x_stride, int nb, const T* w, const T* norm_w, const T* residual, T* out,
                    int K, int n_out, int half, float eps) {
-  auto kernel = decode_linear_kernel<T, V, NB, SWIGLU>;
+  if constexpr (!SWIGLU && U == kUnroll) {
+    if (K / V > 32 * kUnroll) return launch<T, V, NB, false, kLongUnroll>(x, x_stride, nb, w, norm_w, residual, out, K, n_out, half, eps);
+  }
+  auto kernel = decode_linear_kernel<T, V, NB, SWIGLU, U>;
   const size_t smem = static_cast<size_t>(nb) * K * sizeof(float);
   if (smem > 48 * 1024) {  // above the default limit a kernel must ask for its dynamic shared memory
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -179,9 +218,19 @@ cudaError_t launch(const T* x, int64_t x_stride, int nb, const T* w, const T* no
   }
   const int64_t needed = (n_out + kWarps - 1) / kWarps;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{std::max(sms, 1)} * std::max(per_sm, 1))));
-  kernel<<<blocks, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(x, x_stride, nb, w, norm_w, residual, out, K,
-                                                                       n_out, half, eps);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl_enabled(device) ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, x, x_stride, nb, w, norm_w, residual, out, K, n_out,
+                                             half, eps);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T, int V>

@@ -21,8 +21,11 @@ TOL = {
 }
 # (B, H, KV, T, S, hd): GQA ratios 1, 2, 4, 8; head dims 128, 64, 80, 96, 6; odd cache lengths;
 # the default model's decode step (8 heads, 2 kv heads, hd 128, 512 slots) at batch 1 and 16.
+# On CUDA, up to 8 queries per kv head with hd a multiple of 32 (<= 256) take the one-token
+# kernel (dims per lane 1..8: hd 64, 128, 192, 256 here), the rest the tiled kernel.
 SHAPES = [(1, 8, 2, 1, 512, 128), (16, 8, 2, 1, 512, 128), (3, 8, 8, 1, 37, 64), (2, 4, 2, 3, 33, 80),
-          (2, 8, 2, 4, 70, 96), (2, 8, 1, 2, 19, 6), (1, 16, 2, 1, 301, 128), (2, 8, 2, 16, 1000, 64)]
+          (2, 8, 2, 4, 70, 96), (2, 8, 1, 2, 19, 6), (1, 16, 2, 1, 301, 128), (2, 8, 2, 16, 1000, 64),
+          (2, 4, 2, 2, 65, 256), (1, 8, 1, 1, 130, 192), (4, 4, 4, 1, 2, 32)]
 
 
 @pytest.fixture(autouse=True)
