@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One round of GPU checks, in stages that each fit one device call (the extension is built once
+# into .ext and kept while the machine stays warm):
+#   tools/gpu_round.sh a   # decode kernels and path, sampling kernel, serve
+#   tools/gpu_round.sh b   # training step (CUDA graph, bench train), issue 16's recipe
+# Needs .carry/tiktoken_cache (copied from ../shared/data). Logs and results in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 OUT="${OUT:-out}"
+export TIKTOKEN_CACHE_DIR="$PWD/.carry/tiktoken_cache" TORCH_EXTENSIONS_DIR="$PWD/.ext"
+mkdir -p "$OUT"
+echo "$(date -u +%F) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), torch $(python3 -c 'import torch; print(torch.__version__)')"
+part() {  # part NAME LIMIT_S SCRIPT [ARGS]: one script, its log in $OUT/NAME.txt, its tail here
+  local name=$1 limit=$2; shift 2
+  echo "=== $(date -u +%T) ($SECONDS s) $name"
+  if [ -x "$1" ] || [ -f "$1" ]; then
+    timeout "$limit" bash "$@" > "$OUT/$name.txt" 2>&1; echo "exit $? ($SECONDS s)"
+    grep -v "Warning\|warn(" "$OUT/$name.txt" | tail -n "${TAIL:-45}"
+  else
+    echo "missing: $1"
+  fi
+}
+echo "=== build"
+python3 -c "import optimus; optimus.load_extension(); print('extension', optimus.extension_status())" 2>&1 | tail -12
+case "${1:-a}" in
+a)
+  part decode 200 tools/gpu_decode.sh
+  part sample 100 tools/gpu_sample.sh
+  part serve 120 tools/gpu_serve.sh
+  ;;
+b)
+  part train 260 tools/gpu_train.sh
+  part issue16 330 tools/gpu_issue16.sh
+  ;;
+esac
+echo "=== done ($SECONDS s)"
