@@ -28,8 +28,8 @@
  * the output or the split's part as above. There is no tile barrier in the slot loop, so the
  * block's loads are never serialised behind its arithmetic; the tiled kernel stays for longer
  * query blocks (up to 64 queries per kv head) and odd head dims.
- * The merge kernel is launched with programmatic stream serialization (sm_90+), so its launch
- * overlaps the split kernel's tail; it waits (griddepcontrol.wait) before reading the parts.
+ * The one-token kernel and the merge kernel are launched with programmatic dependent launch
+ * (pdl.h): their launch overlaps the previous kernel's tail; each waits before reading anything.
  *
  * Memory layout: q (B, H, T, hd), caches (B, KV, S, hd), out (B, H, T, hd), all contiguous;
  * pos (B, T) int64. A tile of slots is one contiguous run of the cache: 16-byte loads when hd is
@@ -50,6 +50,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "pdl.h"
 
 namespace optimus {
 namespace {
@@ -208,6 +210,8 @@ decode_attention_warp_kernel(const T* __restrict__ q, const T* __restrict__ k_ca
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int GT = a.GT, dl = a.hd / 32;  // dims per lane: lane holds d = lane * dl + i
   const int64_t row0 = (static_cast<int64_t>(b) * a.H + kvh * a.G) * a.T;  // output row of query 0
+  pdl_wait();  // q and the newest cache slot are rope_kv_append's output
+  pdl_launch_dependents();
 
   int lim[Q];  // last visible slot of each query (uniform over the warp)
   int last = -1;
@@ -321,9 +325,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 decode_attention_reduce_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                T* __restrict__ out, const DecodeArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // the parts are the split kernel's output
-#endif
+  pdl_wait();  // the parts are the split kernel's output
   const int64_t row = blockIdx.x;
   const float* ml = part_ml + row * a.splits * 2;
   float M = -INFINITY;
@@ -347,24 +349,9 @@ decode_attention_reduce_kernel(const float* __restrict__ part_acc, const float* 
 template <typename T>
 cudaError_t launch_reduce(const at::Tensor& part_acc, const at::Tensor& part_ml, at::Tensor& out, const DecodeArgs& a,
                           int64_t rows, cudaStream_t stream) {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    major = 0;
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned int>(rows));
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = major >= 9 ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&config, decode_attention_reduce_kernel<T>, part_acc.const_data_ptr<float>(),
-                                             part_ml.const_data_ptr<float>(), static_cast<T*>(out.mutable_data_ptr()), a);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return launch_pdl(decode_attention_reduce_kernel<T>, dim3(static_cast<unsigned int>(rows)), dim3(kThreads), 0, stream,
+                    part_acc.const_data_ptr<float>(), part_ml.const_data_ptr<float>(),
+                    static_cast<T*>(out.mutable_data_ptr()), a);
 }
 
 template <typename T, int Q, int D>
@@ -378,13 +365,12 @@ cudaError_t launch_warp(const at::Tensor& q, const at::Tensor& k_cache, const at
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(a.splits, static_cast<unsigned int>(q.size(0) * a.KV));
-  decode_attention_warp_kernel<T, Q, D><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k_cache.const_data_ptr()),
-      static_cast<const T*>(v_cache.const_data_ptr()), pos.const_data_ptr<int64_t>(),
-      a.splits > 1 ? part_acc.mutable_data_ptr<float>() : nullptr,
+  const cudaError_t err = launch_pdl(
+      decode_attention_warp_kernel<T, Q, D>, grid, dim3(kThreads), 0, stream, static_cast<const T*>(q.const_data_ptr()),
+      static_cast<const T*>(k_cache.const_data_ptr()), static_cast<const T*>(v_cache.const_data_ptr()),
+      pos.const_data_ptr<int64_t>(), a.splits > 1 ? part_acc.mutable_data_ptr<float>() : nullptr,
       a.splits > 1 ? part_ml.mutable_data_ptr<float>() : nullptr, static_cast<T*>(out.mutable_data_ptr()),
       status.mutable_data_ptr<int>(), a);
-  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1) return err;
   return launch_reduce<T>(part_acc, part_ml, out, a, rows, stream);
 }

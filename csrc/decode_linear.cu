@@ -20,15 +20,13 @@
  * Dtypes: float32, bfloat16, float16. Packs of 16 bytes when K is a multiple of the pack and
  * every row start is 16-byte aligned, one element otherwise.
  *
- * Programmatic dependent launch (sm_90+): the kernel is launched with the programmatic stream
- * serialization attribute, so it may start while the kernel before it in the stream is still
- * running. Until `griddepcontrol.wait` it touches only its weights and norm gain, which no kernel
- * of the step writes: its first round of weight loads overlaps the previous kernel's tail and this
- * kernel's own launch. After the wait (the previous grid complete, its writes visible) it reads x
- * and the residual and writes out. Each block triggers its dependents once its loads are issued,
- * so the next projection's blocks take the SMs this one leaves idle. Without the attribute (or on
- * an older GPU) the wait returns at once and the order is the stream's usual one. The environment
- * variable OPTIMUS_PDL=0 launches without it (bench.py measures both).
+ * Programmatic dependent launch (pdl.h, sm_90+, inside a CUDA graph): the kernel may start while
+ * the kernels before it in the stream are still running. Until pdl_wait() it touches only its
+ * weights, which no kernel of the step writes: its first round of weight loads overlaps the
+ * previous kernel's tail and this kernel's own launch. After the wait (every earlier kernel
+ * complete, its writes visible) it reads x, the norm gain and the residual and writes out. Each
+ * block lets its dependents launch once its loads are issued, so the next projection's blocks
+ * take the SMs this one leaves idle and start streaming their own weights.
  */
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,8 +36,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "pdl.h"
 
 namespace optimus {
 namespace {
@@ -96,10 +94,8 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   // of a few microseconds otherwise waits for x, its norm, a barrier, then the weights in turn).
   int j = blockIdx.x * kWarps + warp;
   if (j < n_out) load(j, lane);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // x and residual are the previous kernels' output
-#endif
+  pdl_launch_dependents();
+  pdl_wait();  // x and the residual are earlier kernels' output
 
   // Prologue: x -> shared memory, normalised as RMSNorm does (float32 statistics, rounded to T,
   // times the gain in T).
@@ -179,21 +175,6 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
 
 // ----------------------------------------------------------------------------- launcher
 
-// Programmatic dependent launch needs compute capability 9.0; OPTIMUS_PDL=0 turns it off (read
-// once per process).
-bool pdl_enabled(int device) {
-  static const bool wanted = [] {
-    const char* v = std::getenv("OPTIMUS_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return wanted && major >= 9;
-}
-
 bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0;
 }
@@ -218,19 +199,8 @@ cudaError_t launch(const T* x, int64_t x_stride, int nb, const T* w, const T* no
   }
   const int64_t needed = (n_out + kWarps - 1) / kWarps;
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t{std::max(sms, 1)} * std::max(per_sm, 1))));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = pdl_enabled(device) ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, x, x_stride, nb, w, norm_w, residual, out, K, n_out,
-                                             half, eps);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, at::cuda::getCurrentCUDAStream(), x, x_stride, nb, w,
+                    norm_w, residual, out, K, n_out, half, eps);
 }
 
 template <typename T, int V>

@@ -1,0 +1,76 @@
+/*
+ * Programmatic dependent launch (PDL, compute capability 9.0+) for the decoding step's kernels.
+ *
+ * A kernel launched with launch_pdl may start while the kernel before it in the stream is still
+ * running: its blocks are scheduled once every block of that kernel has called
+ * pdl_launch_dependents() or exited. pdl_wait() then blocks until the previous grid has completed
+ * and its writes are visible. So a kernel may do before pdl_wait() only what reads no output of
+ * any earlier kernel of the step: loading weights (decode_linear) or nothing at all (waiting
+ * first, which still hides the launch latency behind the previous kernel's tail). Because the
+ * kernel before may itself have started early, "earlier kernel" means any of them, not only the
+ * one just before. Inside a CUDA graph the dependency becomes a programmatic edge.
+ *
+ * launch_pdl asks for the overlap only while the stream is being captured into a CUDA graph (the
+ * Decoder's step): there the weights are constant, written before the capture began. Launched
+ * eagerly, a weight may be the output of the kernel just before (a test's torch.randn), which a
+ * prefetch before pdl_wait() would race; so eager launches are ordinary ones. On older GPUs, or
+ * with the environment variable OPTIMUS_PDL=0 (read once; for measuring both ways), every launch
+ * is an ordinary one, and pdl_wait() returns at once.
+ */
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace optimus {
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool pdl_enabled(cudaStream_t stream) {
+  static const bool wanted = [] {
+    const char* v = std::getenv("OPTIMUS_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  int device = 0, major = 0;
+  if (!wanted || cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusActive ||
+      cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query: an ordinary launch
+    return false;
+  }
+  return major >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the previous kernel (above).
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl_enabled(stream) ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+}  // namespace optimus
