@@ -41,6 +41,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace optimus {
@@ -282,7 +283,7 @@ sample_kernel_pass(const T* __restrict__ logits, const float* __restrict__ race,
 template <typename T>
 cudaError_t launch(const at::Tensor& logits, const at::Tensor& race, SampleArgs a, int key_passes, at::Tensor& out) {
   const int B = static_cast<int>(logits.size(0));
-  int sms = 0;
+  int sms = 0;  // a query, not stream work: allowed under CUDA graph capture (decode_attention does it too)
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device());
   if (err != cudaSuccess) return err;
   const int by_size = (a.V + kMinSlice - 1) / kMinSlice;
