@@ -74,14 +74,14 @@ def draws_check() -> list[str]:
     row = torch.randn(5000, generator=g) * 0.5
     row[torch.randperm(5000, generator=g)[:30]] += 8 + torch.randn(30, generator=g)
     logits = row.cuda().to(torch.bfloat16)
-    lines = [f"{'setting':<26} {'TV ext':>8} {'TV ref':>8} {'outside':>7}  (20,000 draws, V 5,000, 8 rows a call)"]
+    lines = [f"{'setting':<26} {'TV ext':>8} {'TV ref':>8} {'outside':>7}  (20,000 draws, V 5,000, 16 rows a call)"]
     for label, t, p, k in SETTINGS + [("T1.0 top-p 0.97", 1.0, 0.97, 0)]:
         expected = optimus.logits_to_probs(logits[None].double(), t, p, k)[0].cpu().numpy()
         tv = {}
         for impl in ("ext", "ref"):
             generator = torch.Generator("cuda").manual_seed(1)
-            draws = torch.cat([optimus.sample_next(logits.expand(8, -1), t, p, k, generator, impl=impl)
-                               for _ in range(2500)]).cpu().numpy()
+            draws = torch.cat([optimus.sample_next(logits.expand(16, -1), t, p, k, generator, impl=impl)
+                               for _ in range(1250)]).cpu().numpy()
             freq = np.bincount(draws, minlength=5000) / draws.size
             tv[impl] = (0.5 * np.abs(freq - expected).sum(), int((freq * (expected == 0)).sum() * draws.size))
         lines.append(f"{label:<26} {tv['ext'][0]:>8.4f} {tv['ref'][0]:>8.4f} {tv['ext'][1]:>7}")
