@@ -2097,11 +2097,11 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float
 
 
 def sampling_kernel_wins(device: torch.device) -> bool:
-    """Whether `impl="auto"` samples with the extension's kernel: on CPU, not on CUDA. On the H200
-    the kernel took 626 us a step (bench.py decode profile, 2026-12-01: one block per row, whose
-    shared-memory histogram atomics pile up on the few bins that hold most probabilities), the
-    sort-based reference about 120 us; "ext" still asks for the kernel anywhere."""
-    return device.type != "cuda"
+    """Whether `impl="auto"` samples with the extension's kernel: on CPU and on CUDA. On CUDA the
+    split-row kernel (csrc/sample.cu: each row over many blocks, one short launch per radix digit)
+    replaced one that took 626 us a step on the H200 (one block per row, 2026-12-01);
+    tools/bench_sample.py times it against the sort-based reference (about 90 us a step there)."""
+    return True
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,

@@ -501,3 +501,109 @@ def test_cuda_default_model_bf16_fast_path_greedy_equals_full_forward_passes():
             equal += best == token
             assert best == token or float(logits[best] - logits[token]) <= BF16_TIE, (i, best, token)
     assert equal >= 24, f"only {equal} of 32 steps agree exactly"
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel's row split
+# On CUDA a row is split over many blocks when the batch is small (about two blocks per SM in all,
+# at least 512 tokens a block): these cases take that path and its histograms in global memory.
+
+def peaked_row(V, device, seed):
+    """Flat logits over V tokens with 30 tokens lifted far above them: most mass on 30 tokens, the
+    flat rest about 5%, so a top-p of 0.97 ends among the flat tokens (one histogram bin)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(V, generator=g) * 0.5
+    logits[torch.randperm(V, generator=g)[:30]] += 8 + torch.randn(30, generator=g)
+    return logits.to(device)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.8, 0.9, 0), (1.0, 0.97, 0), (1.0, 1.0, 50), (0.8, 1.0, 0),
+                                                       (1.2, 0.95, 20)])
+def test_cuda_split_rows_draw_from_logits_to_probs(dtype, temperature, top_p, top_k):
+    """16 rows of a 5,000-token vocabulary (10 blocks a row): 40,000 draws against the exact
+    probabilities, tokens under 1e-3 pooled; every pool within 5 sigma, nothing drawn outside
+    the kept set, and total variation within 0.03 (about 3x its sampling noise here)."""
+    optimus.load_extension()
+    V, rows, calls = 5000, 16, 2500
+    logits = peaked_row(V, "cuda", 11).to(dtype)
+    expected = optimus.logits_to_probs(logits[None].double(), temperature, top_p, top_k)[0].cpu().numpy()
+    generator = torch.Generator("cuda").manual_seed(2)
+    draws = torch.cat([optimus.sample_next(logits.expand(rows, V), temperature, top_p, top_k, generator, impl="ext")
+                       for _ in range(calls)]).cpu().numpy()
+    n = draws.size
+    counts = np.bincount(draws, minlength=V)
+    assert counts[expected == 0].sum() == 0, np.nonzero(counts * (expected == 0))
+    big = expected >= 1e-3
+    freq = np.append(counts[big], counts[~big].sum()) / n
+    pooled = np.append(expected[big], expected[~big].sum())
+    sigma = np.sqrt(pooled * (1 - pooled) / n)
+    assert np.all(np.abs(freq - pooled) <= 5 * sigma + 1e-4), (freq, pooled)
+    assert 0.5 * np.abs(freq - pooled).sum() < 0.03
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_cuda_split_rows_pick_the_reference_token_for_the_same_noise(dtype, B):
+    """Batch 1, 3 and 16 of the GPT-2 vocabulary (99 to 17 blocks a row), rows strided in a wider
+    buffer (the LM head's padded output): with the same Exp(1) noise the kernel picks
+    argmax(logits_to_probs / noise) on all draws but those where rounding moves a boundary."""
+    optimus.load_extension()
+    V, trials = 50257, 12
+    agree = total = 0
+    for trial in range(trials):
+        wide = torch.randn(B, V + 47, device="cuda", generator=torch.Generator("cuda").manual_seed(trial))
+        wide *= (3.0, 0.02, 1.0)[trial % 3]  # peaked, flat (the random-weights case), in between
+        logits = wide.to(dtype)[:, :V]
+        assert logits.stride(0) == V + 47
+        for temperature, top_p, top_k in [(0.8, 0.9, 0), (1.0, 1.0, 50), (0.6, 0.7, 200), (1.0, 1.0, 0),
+                                          (1e-30, 0.9, 0), (0.8, 0.95, 1)]:
+            race = torch.empty(B, V, device="cuda").exponential_(1)
+            ours = torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
+            ref = (optimus.logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1)
+            agree += int((ours == ref).sum())
+            total += B
+    assert agree >= 0.97 * total, f"{agree} of {total}"
+
+
+@requires_cuda
+def test_cuda_split_rows_keep_ties_and_odd_rows():
+    """Ties across blocks at the top-k and top-p boundaries, a row of -inf but one token, a row
+    all NaN (token 0), and one token holding all the mass in a flat row of 50,257."""
+    optimus.load_extension()
+    V = 50257
+    logits = torch.full((4, V), -5.0, device="cuda")
+    tied = torch.arange(0, V, 997, device="cuda")   # 51 tokens tied at the top, spread over every block
+    logits[0, tied] = 3.0
+    logits[1] = float("-inf")
+    logits[1, 40000] = 0.0
+    logits[2] = float("nan")
+    logits[3] = torch.randn(V, device="cuda") * 0.01
+    logits[3, 31337] = 60.0
+    generator = torch.Generator("cuda").manual_seed(0)
+    seen = set()
+    for top_p, top_k in [(1.0, 5), (0.5, 0), (0.74, 0), (0.2, 51)]:  # the tie holds 75% of row 0
+        for _ in range(40):
+            token = optimus.sample_next(logits, 1.0, top_p, top_k, generator, impl="ext").tolist()
+            assert token[0] in set(tied.tolist()) and token[1:] == [40000, 0, 31337], (top_p, top_k, token)
+            seen.add(token[0])
+    assert len(seen) > 30  # all 51 tied tokens stay in (top-k 5 and top-p 0.5 cut inside the tie)
+
+
+@requires_cuda
+def test_cuda_sampling_kernel_replays_in_a_cuda_graph():
+    """The launch chain captured in a CUDA graph: replays draw what eager calls draw for the same
+    noise, after the logits change under the graph."""
+    optimus.load_extension()
+    logits = torch.randn(2, 50257, device="cuda").to(torch.bfloat16)
+    race = torch.empty(2, 50257, device="cuda").exponential_(1)
+    out = torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9)
+    for _ in range(5):
+        logits.copy_(torch.randn(2, 50257, device="cuda"))
+        race.exponential_(1)
+        graph.replay()
+        assert torch.equal(out, torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9))
