@@ -25,7 +25,7 @@ python3 -c "import optimus; optimus.load_extension(); print('extension', optimus
 case "${1:-a}" in
 a)
   part decode 200 tools/gpu_decode.sh
-  part sample 100 tools/gpu_sample.sh
+  part sampling 100 tools/gpu_sample.sh
   part serve 120 tools/gpu_serve.sh
   ;;
 b)
