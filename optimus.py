@@ -1994,7 +1994,8 @@ class Trainer:
         saved = [t.detach().to("cpu", copy=True) for t in kept]  # on the host: GPU peak memory stays the eager one
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True")  # uncaptured on purpose, here only
             for _ in range(GRAPH_WARMUP_STEPS):
                 self.optimizer.zero_grad(set_to_none=False)
                 self.step_math(self.graph_batch)
@@ -2003,12 +2004,13 @@ class Trainer:
                     t.copy_(host)
         torch.cuda.current_stream(device).wait_stream(stream)
         grads = [p.grad for p in params]
+        addresses = [g.data_ptr() for g in grads]
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread may allocate pinned memory while this one captures.
         with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             torch._foreach_zero_(grads)
             self.graph_loss = self.step_math(self.graph_batch)
-        if any(p.grad is not g for p, g in zip(params, grads)):  # the backward must accumulate in place
+        if [p.grad.data_ptr() for p in params] != addresses:  # the backward must accumulate in place
             raise RuntimeError("a gradient moved during CUDA graph capture: train with --cuda_graph false")
 
     @torch.no_grad()
