@@ -1963,13 +1963,13 @@ class Trainer:
         """train_step replayed from one CUDA graph (cuda_graph true): the batch is copied into
         static buffers and lr into its device tensor, then one launch runs every kernel of the step.
         At batch 8 the eager step is bound by the host launching ~700 kernels (README, Performance)."""
+        self.lr.fill_(lr)
         if self.graph is None:
             self.graph_batch = [[t.to(self.rt.device) for t in pair] for pair in pairs]  # fixed addresses
             self.capture_step()
         for static, pair in zip(self.graph_batch, pairs):
             for buffer, t in zip(static, pair):
                 buffer.copy_(t, non_blocking=True)
-        self.lr.fill_(lr)
         self.graph.replay()
         return self.graph_loss.clone()  # the graph's own loss tensor is rewritten by the next replay
 
