@@ -332,8 +332,8 @@ def random_token_dir(root: Path, tokens: int) -> Path:
 # (every side) or by name:side.
 TRAIN_CASES = [
     ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"), ("b8-ckpt", 8, True, "optimus-graph"),
-    ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
     ("opt", 8, True, "optimizer-fused"), ("opt", 8, True, "optimizer-foreach"),
+    ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
     ("b8-ckpt", 8, True, "optimus-reduce-overhead"),
     ("b64", 64, False, "optimus-ref"), ("b8", 8, False, "optimus-auto"), ("b8", 8, False, "hf"),
     ("b8", 8, False, "optimus-graph"), ("opt", 8, True, "optimizer-compiled"),
