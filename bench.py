@@ -315,21 +315,71 @@ def random_token_dir(root: Path, tokens: int) -> Path:
     data = root / "tokens"
     data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name, n in (("train.bin", tokens), ("val.bin", tokens // 10)):
-        rng.integers(0, optimus.EOT_ID, n, dtype=np.uint16).astype("<u2").tofile(data / name)
-    (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "template": None, "format": "random"}))
+    counts = {"tokens_train": tokens, "tokens_val": tokens // 10}  # the trainer checks the files against these
+    for split, n in (("train", counts["tokens_train"]), ("val", counts["tokens_val"])):
+        rng.integers(0, optimus.EOT_ID, n, dtype=np.uint16).astype("<u2").tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "template": None, "format": "random",
+                                                "counts": counts}))
     return data
 
 
-# (name, batch, checkpointing, side): side "optimus-<impl>" is the trainer with that impl, "hf" is
-# transformers' LlamaForCausalLM of the same config. Run in this order (the most telling pairs
-# first, so that a run cut short still compares them); `--train_cases` picks a subset by name.
+# (name, batch, checkpointing, side): side "optimus-<impl>" is the trainer with that impl,
+# "optimus-graph" the trainer with the whole step in a CUDA graph (cuda_graph true),
+# "optimus-reduce-overhead" with torch.compile's graphs (cuda_graph reduce-overhead), "hf"
+# transformers' LlamaForCausalLM of the same config; case "opt" times the optimizer step and clip
+# alone (side "optimizer-<variant>", see optimizer_row). Run in this order (the most telling pairs
+# first, so that a run cut short still compares them); `--train_cases` picks a subset by name
+# (every side) or by name:side.
 TRAIN_CASES = [
-    ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"),
+    ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"), ("b8-ckpt", 8, True, "optimus-graph"),
+    ("opt", 8, True, "optimizer-fused"), ("opt", 8, True, "optimizer-foreach"),
     ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
+    ("b8-ckpt", 8, True, "optimus-reduce-overhead"),
     ("b64", 64, False, "optimus-ref"), ("b8", 8, False, "optimus-auto"), ("b8", 8, False, "hf"),
+    ("b8", 8, False, "optimus-graph"), ("opt", 8, True, "optimizer-compiled"),
     ("b8-ckpt", 8, True, "optimus-ext"), ("finder", 512, True, "optimus-auto"), ("finder", 512, True, "hf"),
 ]
+# The trainer's config for each optimus side (any other field stays the product's default).
+SIDE_FIELDS = {"optimus-auto": dict(impl="auto"), "optimus-ext": dict(impl="ext"), "optimus-ref": dict(impl="ref"),
+               "optimus-graph": dict(impl="auto", cuda_graph="true"),
+               "optimus-reduce-overhead": dict(impl="auto", cuda_graph="reduce-overhead")}
+ADAMW_BYTES_PER_PARAM = 32  # float32: read weight, gradient, two moments, write weight and moments (28), the norm's read (4)
+
+
+def pick_train_cases(spec: str) -> list:
+    """`--train_cases`: comma-separated case names (every side) or name:side, in TRAIN_CASES' order."""
+    chosen = spec.split(",")
+    unknown = [c for c in chosen if not any(c in (name, f"{name}:{side}") for name, _, _, side in TRAIN_CASES)]
+    if unknown:
+        raise ValueError(f"unknown train case(s) {', '.join(unknown)}: choose from "
+                         f"{', '.join(f'{c[0]}:{c[3]}' for c in TRAIN_CASES)}")
+    return [c for c in TRAIN_CASES if c[0] in chosen or f"{c[0]}:{c[3]}" in chosen]
+
+
+def optimizer_row(trainer, side: str, device: torch.device) -> dict:
+    """The trainer's clip + AdamW step alone (Trainer.clip_and_step on random gradients, CUDA
+    events, median) against its memory-traffic floor: ADAMW_BYTES_PER_PARAM per parameter at the
+    copy bandwidth this GPU measures. Variants: "fused" (the trainer's: the norm, then fused AdamW
+    dividing by the clip factor), "foreach" (clip_grad_norm_, then the foreach AdamW),
+    "compiled" (that foreach step through torch.compile, which fuses it)."""
+    variant = side.removeprefix("optimizer-")
+    params = list(trainer.model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    if variant != "fused":
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach", "capturable")}
+                  for g in trainer.optimizer.param_groups]
+        trainer.optimizer = torch.optim.AdamW(groups, foreach=True)
+    step = trainer.clip_and_step
+    if variant == "compiled":
+        step = torch.compile(step)
+    seconds = seconds_per_call(lambda i: step(), device, STEP_BUDGETS[device.type])
+    row = {"case": "opt", "side": side, "step_ms": seconds * 1e3}
+    if device.type == "cuda":
+        _, bandwidth = copy_bandwidth(device)
+        floor = ADAMW_BYTES_PER_PARAM * sum(p.numel() for p in params) / bandwidth
+        row.update(floor_ms=floor * 1e3, vs_floor=seconds / floor)
+    return row
 
 
 class HFStep:
@@ -389,7 +439,7 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
     import tempfile
     cuda = device.type == "cuda"
     if not cuda:  # the default model takes minutes per step on a CPU: measure `tiny`
-        cases = [("tiny", 8, False, side) for side in ("optimus-ext", "optimus-ref", "hf")]
+        cases = [("tiny", 8, False, side) for side in ("optimus-ext", "optimus-ref", "hf", "optimizer-fused")]
     cases = cases or TRAIN_CASES
     if not have_transformers():
         print("transformers is not installed: no hf rows", file=sys.stderr)
@@ -398,15 +448,22 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         data = random_token_dir(Path(tmp), 4_000_000 if cuda else 200_000)
         for name, batch, checkpointing, side in cases:
-            impl = side.removeprefix("optimus-") if side != "hf" else "auto"
+            fields = SIDE_FIELDS.get(side, dict(impl="auto"))
             model_cfg, train_cfg = optimus.make_configs(
-                "base" if cuda else "tiny", impl=impl, compile="true" if cuda else "false", device=str(device),
+                "base" if cuda else "tiny", **fields, compile="true" if cuda else "false", device=str(device),
                 data_dir=str(data), num_workers=2, checkpoint_dir=str(Path(tmp) / "ckpt"),
                 tensorboard_dir=str(Path(tmp) / "runs"), max_steps=1000, eval_batches=1, batch_size=batch,
                 checkpointing=checkpointing, **({} if cuda else dict(max_length=64)))
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
+            if side.startswith("optimizer-"):
+                trainer = optimus.Trainer(model_cfg, train_cfg)
+                rows.append(optimizer_row(trainer, side, device))
+                print(f"train opt {side}: {rows[-1]['step_ms']:.2f} ms" + (
+                    f" (floor {rows[-1]['floor_ms']:.2f} ms, {rows[-1]['vs_floor']:.2f}x)" if cuda else ""), flush=True)
+                trainer = None
+                continue
             if side == "hf":
                 runner = HFStep(model_cfg, train_cfg, device, finder_micro.get(name, batch))
                 step, micro, flops_model = runner.step, runner.micro, optimus.Transformer(model_cfg)
@@ -699,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cuda | cpu | auto (cuda when available)")
     parser.add_argument("--json", help="also write every row, with the environment, to this file")
     parser.add_argument("--only", help=f"comma-separated sections to run (default all: {', '.join(SECTIONS)})")
-    parser.add_argument("--train_cases", help="comma-separated train cases to run, every side of each "
-                        f"(default all: {', '.join(dict.fromkeys(c[0] for c in TRAIN_CASES))})")
+    parser.add_argument("--train_cases", help="comma-separated train cases to run, NAME (every side) or "
+                        f"NAME:SIDE (default all: {', '.join(f'{c[0]}:{c[3]}' for c in TRAIN_CASES)})")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -708,16 +765,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     try:
         device = optimus.resolve_runtime(args.device).device
-    except optimus.UserError as exc:
+        train_cases = pick_train_cases(args.train_cases) if args.train_cases else None
+    except (optimus.UserError, ValueError) as exc:
         parser.error(str(exc))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     results = {}
     for name in names:
-        if name == "train" and args.train_cases:
-            chosen = args.train_cases.split(",")
-            rows = bench_train(device, [c for c in TRAIN_CASES if c[0] in chosen])
+        if name == "train" and train_cases:
+            rows = bench_train(device, train_cases)
         else:
             rows = SECTIONS[name](device)
         results[name] = rows

@@ -164,6 +164,9 @@ class TrainingConfig:
     log_interval: int = cfg_field(10, "progress line and train metrics every this many steps")
     device: str = cfg_field("auto", "auto | cpu | cuda | cuda:N")
     compile: str = cfg_field("auto", "torch.compile the model: auto (on for CUDA) | true | false")
+    cuda_graph: str = cfg_field("auto", "replay each training step from a CUDA graph (CUDA, one process, bf16): "
+                                        "true (the whole step in one graph) | reduce-overhead (torch.compile's "
+                                        "graphs for forward and backward) | false | auto (false until measured faster)")
     resume: bool = cfg_field(False, "continue from checkpoint_dir/latest.pt")
     seed: int = cfg_field(1337, "seed for initialisation and data order")
     run_name: str = cfg_field("", "run directory name under tensorboard_dir ('' : a timestamp)")
@@ -195,6 +198,8 @@ class TrainingConfig:
             "eval_interval": (positive, "positive"), "eval_batches": (positive, "positive"),
             "checkpoint_interval": (positive, "positive"), "log_interval": (positive, "positive"),
             "compile": (lambda v: v in ("auto", "true", "false"), "auto, true or false"),
+            "cuda_graph": (lambda v: v in ("auto", "true", "false", "reduce-overhead"),
+                           "auto, true, false or reduce-overhead"),
             "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
             # One directory under tensorboard_dir: a '/' or '..' would write outside it.
             "run_name": (lambda v: v == "" or (usable_path(v) and "/" not in v and v not in (".", "..")),
@@ -977,8 +982,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+                # No op in a block draws random numbers, so there is no RNG state to preserve (and
+                # reading the CUDA one is not allowed while the trainer captures a CUDA graph).
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, impl, cache, pos, mask,
-                               use_reentrant=False)
+                               use_reentrant=False, preserve_rng_state=False)
             else:
                 x = block(x, self.rope_cos, self.rope_sin, impl, cache, pos, mask)
         return self.norm(x)
@@ -1343,6 +1350,7 @@ def val_windows(path: Path, max_length: int, count: int,
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), the denominator of MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 MEMORY_HEADROOM = 0.9  # the batch finder keeps 10% of GPU memory free for allocator fragmentation
+GRAPH_WARMUP_STEPS = 2  # eager steps before the step's CUDA graph is captured: Inductor compiles in the first
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -1592,10 +1600,16 @@ class Trainer:
             self.shard_model()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.graph_mode = self.resolve_cuda_graph()
+        # A captured step reads its hyperparameters on the device: a tensor lr, rewritten before
+        # each replay, and `capturable` AdamW, which keeps its step count there too.
+        self.lr = torch.tensor(cfg.learning_rate, device=self.rt.device) if self.graph_mode == "step" else None
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=self.rt.device.type == "cuda")
+            lr=cfg.learning_rate if self.lr is None else self.lr, betas=(cfg.beta1, cfg.beta2),
+            fused=self.rt.device.type == "cuda", capturable=self.lr is not None)
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.needs_grad_scaler else None
+        self.graph, self.graph_batch, self.graph_loss = None, None, None  # captured at the first step
         self.step, self.best_val, self.run_name = 0, float("inf"), cfg.run_name
         self.resumed_total, self.resumed_run = 0, None  # the checkpoint's total steps and run name
         if cfg.resume:  # continues this run; init_from, if given too, only supplied the model config
@@ -1728,6 +1742,23 @@ class Trainer:
         if self.dist.is_main:
             print(f"initialised from {file} (its step {ckpt['step']}); new run from step 0")
 
+    def resolve_cuda_graph(self) -> str:
+        """cuda_graph -> "step" (train_step replayed from one graph), "reduce-overhead" (torch.compile's
+        graphs around forward and backward, the optimizer eager) or "off"."""
+        wanted = self.cfg.cuda_graph
+        if wanted in ("auto", "false"):
+            return "off"  # auto: off until the H200 measures a graph path faster (README, Performance)
+        # GradScaler's step reads its inf check on the host, DDP and FSDP communicate between the
+        # captured kernels: the graph paths leave them out.
+        problem = ("needs CUDA (this run is on the CPU)" if self.rt.device.type != "cuda"
+                   else f"takes one process (this run has {self.dist.world})" if self.dist.world > 1
+                   else "needs bf16 (this GPU trains in float16 with a GradScaler)" if self.rt.needs_grad_scaler
+                   else "needs torch.compile (this run has --compile false)"
+                   if wanted == "reduce-overhead" and self.cfg.compile == "false" else None)
+        if problem:
+            raise UserError(f"--cuda_graph {wanted} {problem}: use --cuda_graph auto")
+        return "step" if wanted == "true" else "reduce-overhead"
+
     def loss(self, forward, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Float32 cross-entropy of `forward` (the model, or its compiled/DDP wrapper) on inputs
         (B, T) against targets (B, T), IGNORE_INDEX for none: their mean, or their sum."""
@@ -1808,7 +1839,10 @@ class Trainer:
         """The full optimizer state in `optimizer.state_dict()`'s layout (parameters by index),
         so one checkpoint format serves one process, DDP and FSDP. A collective under FSDP."""
         if not self.fsdp:
-            return self.optimizer.state_dict()
+            state = self.optimizer.state_dict()
+            for group in state["param_groups"]:  # one format with or without the graph: a float lr
+                group["lr"], group["capturable"] = float(group["lr"]), False
+            return state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         full = get_optimizer_state_dict(self.model, self.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -1821,6 +1855,9 @@ class Trainer:
     def load_optimizer_state(self, state: dict) -> None:
         if not self.fsdp:
             self.optimizer.load_state_dict(state)
+            for group in self.optimizer.param_groups:  # the checkpoint's groups bring their own lr and capturable
+                group["capturable"] = self.lr is not None
+                group["lr"] = group["lr"] if self.lr is None else self.lr
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         names = self.param_names()
@@ -1844,8 +1881,10 @@ class Trainer:
         self.ddp = model if self.dist.world > 1 and not self.fsdp else None
         compile_on = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
         # Compiling the DDP-wrapped module lets DDP's optimizer split graphs at its gradient buckets,
-        # so communication still overlaps the backward.
-        return torch.compile(model) if compile_on else model
+        # so communication still overlaps the backward. The whole-step graph ("step") captures
+        # Inductor's kernels itself: the default mode, which makes no graphs of its own.
+        mode = "reduce-overhead" if self.graph_mode == "reduce-overhead" else None
+        return torch.compile(model, mode=mode) if compile_on else model
 
     def run_record(self) -> dict:
         return {
@@ -1863,8 +1902,20 @@ class Trainer:
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step over batch_size sequences; returns this rank's share of the step's loss
         (on device; summed over ranks it is the mean over the global batch's counted targets)."""
-        accum = self.windows.accum
-        micro_batches = [[t.to(self.rt.device, non_blocking=True) for t in next(batches)] for _ in range(accum)]
+        pairs = [next(batches) for _ in range(self.windows.accum)]  # (inputs, targets), each (micro, T)
+        lr = lr_at(self.step, self.cfg, self.total_steps)
+        if self.graph_mode == "step":
+            return self.graph_step(pairs, lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = self.step_math([[t.to(self.rt.device, non_blocking=True) for t in pair] for pair in pairs])
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def step_math(self, micro_batches: list) -> torch.Tensor:
+        """Forward and backward of each micro-batch, the clip and the optimizer step, all on the
+        device (no host sync: the whole-step CUDA graph captures exactly this); returns the loss."""
+        accum = len(micro_batches)
         # The mean over all counted targets of the global batch, not a mean of micro-batch means (a
         # response mask counts different numbers per window): each micro-batch's loss sum is divided
         # by the global count, times world because DDP and FSDP average the ranks' gradients. A step with no
@@ -1877,14 +1928,20 @@ class Trainer:
             sync = micro == accum - 1
             if self.fsdp:
                 self.model.set_requires_gradient_sync(sync)
+            if self.graph_mode == "reduce-overhead":  # the previous micro-step's graph outputs are done with
+                torch.compiler.cudagraph_mark_step_begin()
             with contextlib.nullcontext() if sync or self.ddp is None else self.ddp.no_sync():
                 loss = self.loss(self.forward, inputs, targets, reduction="sum") / count
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+        self.clip_and_step()
+        self.nonfinite |= ~torch.isfinite(total)
+        return total
+
+    def clip_and_step(self) -> None:
+        """The global-norm clip and the AdamW step on the gradients the backward left."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg, self.total_steps)
         clip = self.cfg.gradient_clip_val
         if clip > 0 and self.optimizer.defaults["fused"] and not self.scaler:
             # The clip folded into fused AdamW: `grad_scale` is how GradScaler hands that kernel a
@@ -1901,9 +1958,60 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite |= ~torch.isfinite(total)
-        return total
+
+    def graph_step(self, pairs: list, lr: float) -> torch.Tensor:
+        """train_step replayed from one CUDA graph (cuda_graph true): the batch is copied into
+        static buffers and lr into its device tensor, then one launch runs every kernel of the step.
+        At batch 8 the eager step is bound by the host launching ~700 kernels (README, Performance)."""
+        self.lr.fill_(lr)
+        if self.graph is None:
+            self.graph_batch = [[t.to(self.rt.device) for t in pair] for pair in pairs]  # fixed addresses
+            self.capture_step()
+        for static, pair in zip(self.graph_batch, pairs):
+            for buffer, t in zip(static, pair):
+                buffer.copy_(t, non_blocking=True)
+        self.graph.replay()
+        return self.graph_loss.clone()  # the graph's own loss tensor is rewritten by the next replay
+
+    def capture_step(self) -> None:
+        """Capture step_math on self.graph_batch into self.graph (the first graph step, once).
+
+        What a captured kernel writes must exist before capture, at an address that never changes:
+        the gradients (zeroed inside the graph, then accumulated into in place; never set to None)
+        and AdamW's moments (a kernel that created them would zero them at every replay; made here
+        as fused AdamW's first step makes them). Warm-up steps on the capture stream compile the
+        model's forward and backward and load every kernel; the weights, moments and the
+        nonfinite flag are restored from a host copy afterwards, so the run is the eager run's."""
+        device = self.rt.device
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            state = self.optimizer.state[p]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=device),
+                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        kept = params + [t for p in params for t in self.optimizer.state[p].values()] + [self.nonfinite]
+        saved = [t.detach().to("cpu", copy=True) for t in kept]  # on the host: GPU peak memory stays the eager one
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*capturable=True")  # uncaptured on purpose, here only
+            for _ in range(GRAPH_WARMUP_STEPS):
+                self.optimizer.zero_grad(set_to_none=False)
+                self.step_math(self.graph_batch)
+            with torch.no_grad():
+                for t, host in zip(kept, saved):
+                    t.copy_(host)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        grads = [p.grad for p in params]
+        addresses = [g.data_ptr() for g in grads]
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread may allocate pinned memory while this one captures.
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
+            torch._foreach_zero_(grads)
+            self.graph_loss = self.step_math(self.graph_batch)
+        if [p.grad.data_ptr() for p in params] != addresses:  # the backward must accumulate in place
+            raise RuntimeError("a gradient moved during CUDA graph capture: train with --cuda_graph false")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -159,6 +159,7 @@ def train_flags(w: Path) -> dict:
         "eval_batches": (["1", "2"], ["0", "-2"], []),
         "seed": (["0", "7", str(2**63 - 1)], ["-1", str(2**63), str(2**64), "x"], []),
         "compile": (["false"], ["maybe"], []),
+        "cuda_graph": (["false", "auto"], ["maybe", "yes"], ["true", "reduce-overhead"]),  # refused on a CPU
         "device": (["cpu"], ["cpu:3", "cuda:99", "tpu", ""], []),
         "impl": (["ref"], ["bogus", ""], []),
         "run_name": (["r1", "fz"], ["../escape", "a/b", "..", "x" * 300], []),

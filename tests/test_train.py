@@ -356,3 +356,61 @@ def test_a_missing_meta_json_is_named_not_called_no_token_files(tmp_path, capsys
     out = capsys.readouterr().out
     assert f"meta.json missing in {tmp_path / 'tokens'}" in out and "no token files" not in out
     assert meta["source"]["path"] == str(source)
+
+
+def test_cuda_graph_is_checked_like_the_other_fields(tmp_path, data_dir):
+    with pytest.raises(optimus.UserError, match="cuda_graph must be auto, true, false or reduce-overhead"):
+        configs(tmp_path, data_dir, cuda_graph="yes")
+    for wanted in ("true", "reduce-overhead"):  # the CPU never takes a graph path: one clear error
+        with pytest.raises(optimus.UserError, match=f"--cuda_graph {wanted} needs CUDA.*--cuda_graph auto"):
+            optimus.Trainer(*configs(tmp_path, data_dir, cuda_graph=wanted))
+    trainer = optimus.Trainer(*configs(tmp_path, data_dir, cuda_graph="auto"))
+    assert trainer.graph_mode == "off" and not trainer.optimizer.defaults["capturable"]
+
+
+def graph_configs(tmp_path, data_dir, **overrides):
+    """Tiny CUDA runs that accumulate two micro-batches with checkpointing on (the preset's)."""
+    values = dict(device="cuda", impl="auto", compile="false", batch_size=4, micro_batch_size=2,
+                  learning_rate=1e-3, eval_interval=100, checkpoint_interval=100)
+    return configs(tmp_path, data_dir, **{**values, **overrides})
+
+
+@requires_cuda
+def test_cuda_graph_training_follows_the_eager_path(tmp_path, data_dir):
+    """The whole step replayed from a CUDA graph against the eager step: same seed, 10 steps.
+    capturable AdamW computes its bias corrections on the device (the eager one on the host), so
+    the curves agree to bf16 noise, not bit for bit."""
+    curves = {}
+    for graph in ("false", "true"):
+        optimus.train(*graph_configs(tmp_path / graph, data_dir, cuda_graph=graph, max_steps=10))
+        curves[graph] = [r["train_loss"] for r in metrics(tmp_path / graph) if "train_loss" in r]
+    assert len(curves["true"]) == len(curves["false"]) == 10
+    assert len(set(curves["true"])) == 10  # a loss per step, not one tensor read ten times
+    for step, (a, b) in enumerate(zip(curves["false"], curves["true"])):
+        assert abs(a - b) < 2e-2 * a, (step, a, b)
+    model, _ = optimus.load_checkpoint(tmp_path / "true" / "ckpt", "cuda")
+    ckpt = torch.load(tmp_path / "true" / "ckpt" / "latest.pt", weights_only=True)
+    assert all(type(g["lr"]) is float and not g["capturable"] for g in ckpt["optimizer"]["param_groups"])
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 10
+
+
+@requires_cuda
+def test_cuda_graph_resume_continues_bit_for_bit(tmp_path, data_dir):
+    """Deterministic kernels (flash attention's backward adds atomically otherwise): a run stopped
+    at step 4 and resumed with the graph ends where the straight graph run ends."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        common = dict(cuda_graph="true", max_steps=8)
+        optimus.train(*graph_configs(tmp_path / "a", data_dir, **common))
+        trainer = optimus.Trainer(*graph_configs(tmp_path / "b", data_dir, **common))
+        stop_after(trainer, 4)
+        assert trainer.fit()["step"] == 4
+        assert optimus.train(*graph_configs(tmp_path / "b", data_dir, resume=True, **common))["step"] == 8
+    finally:
+        torch.use_deterministic_algorithms(False)
+    straight, resumed = (torch.load(tmp_path / r / "ckpt" / "latest.pt", weights_only=True) for r in "ab")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    curve_a = [r["train_loss"] for r in metrics(tmp_path / "a") if "train_loss" in r]
+    curve_b = [r["train_loss"] for r in metrics(tmp_path / "b") if "train_loss" in r]
+    assert curve_a == curve_b
