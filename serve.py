@@ -7,9 +7,10 @@ Three parts, top to bottom:
   shape (`ApiError`), stop strings held back across token boundaries (`StopText`);
 - `Engine`: one thread owns the model's `Decoder` with `max_batch` rows (slots). Each turn of its
   loop drops cancelled jobs, prefills waiting jobs into free slots (one row each, through
-  `Decoder.prefill_rows`), then runs one decode step for every slot and samples each busy row with
-  its own job's settings. A job leaves its slot as soon as it ends; jobs beyond the slots wait in a
-  bounded queue. A row's numbers never depend on the other rows, so an answer equals the same
+  `Decoder.prefill_rows`), then queues one decode step for every slot, sampling each busy row with
+  its own job's settings, and only then hands out the tokens of the step queued the turn before
+  (the GPU runs one step ahead of the host's text work). A job leaves its slot as soon as it ends;
+  jobs beyond the slots wait in a bounded queue. A row's numbers never depend on the other rows, so an answer equals the same
   request's answer alone (greedy: token for token; seeded: each job draws from its own generator);
 - HTTP: `http.server`'s ThreadingHTTPServer, one thread per connection, which reads the job's
   events and writes JSON or server-sent events. A handler notices a client that went away (the
@@ -398,8 +399,8 @@ class Engine:
                 self._advance(row, sampled[row])
 
     def _groups(self) -> list[tuple[torch.Tensor | None, Slot]]:
-        """The busy rows grouped by sampling settings, as (device row index, or None for every
-        row, a slot holding the settings), rebuilt only when a job joins or leaves: greedy rows
+        """The busy rows grouped by sampling settings, as (device row index, or None for all
+        rows, a slot holding the settings), rebuilt only when a job joins or leaves: greedy rows
         share one argmax, unseeded rows with equal settings one sample_next call, and a seeded
         row draws from its own generator alone, so its draws do not depend on its neighbours."""
         if self.groups is None:
@@ -410,8 +411,12 @@ class Engine:
                 j = s.job
                 key = ("greedy",) if j.temperature == 0 else ("seeded", row) if s.generator else (j.temperature, j.top_p, j.top_k)
                 groups.setdefault(key, []).append(row)
-            self.groups = [(None if rows == list(range(self.max_batch)) else torch.tensor(rows, device=self.device),
-                            self.slots[rows[0]]) for rows in groups.values()]
+            # One unseeded group samples every row, free ones too (their tokens are never read):
+            # no gather of its logits, no scatter of its tokens. A seeded row's draws must not
+            # depend on the batch, so it always samples alone.
+            whole = len(groups) == 1 and next(iter(groups))[0] != "seeded"
+            self.groups = [(None if whole else torch.tensor(rows, device=self.device), self.slots[rows[0]])
+                           for rows in groups.values()]
         return self.groups
 
     def _admit(self) -> None:

@@ -19,7 +19,7 @@ import torch
 import data_prep
 import optimus
 import serve
-from conftest import ROOT
+from conftest import ROOT, requires_cuda
 
 openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install -e '.[test]'")
 
@@ -155,6 +155,84 @@ def test_prefill_rows_fills_one_row_and_leaves_the_others(model):
     for row, prompt in ((2, prompts[0]), (0, prompts[1])):
         reference = greedy_reference(model, prompt, 10)
         assert rows[row][: len(reference)] == reference
+
+
+def engine_answers(engine, jobs, together=True):
+    """(text, finish_reason, completion tokens) of each job, submitted all at once or one by one."""
+    def collect(job):
+        text = ""
+        while True:
+            kind, value = job.events.get(timeout=TIMEOUT_S)
+            if kind != "text":
+                assert kind == "end", value
+                return text, value, job.completion_tokens
+            text += value
+    if together:
+        for job in jobs:
+            engine.submit(job)
+        return [collect(job) for job in jobs]
+    out = []
+    for job in jobs:
+        engine.submit(job)
+        out.append(collect(job))
+    return out
+
+
+def test_pipelined_engine_rows_end_and_rejoin_between_steps(enc):
+    """Jobs end while the next step is already queued (one after one token, one at the very end of
+    the cache) and others take their rows: each answer is still its prompt's greedy continuation,
+    and no row's device position leaves the cache."""
+    torch.manual_seed(5)
+    seq = 64
+    model_cfg, _ = optimus.make_configs("tiny", impl="ref", max_seq_len=seq, tie_embeddings=False)
+    model = optimus.Transformer(model_cfg).eval()
+    prompts = [torch.randint(0, optimus.EOT_ID, (n,)).tolist() for n in (3, 10, 1, 20, 5)]
+    lengths = [1, 7, seq, 3, seq - 4]  # prompts 3 and 5: prompt + max_tokens = max_seq_len + 1, the most allowed
+    engine = serve.Engine(model, enc, 2)
+    try:
+        got = engine_answers(engine, [serve.Job(prompt=p, max_tokens=n, temperature=0) for p, n in zip(prompts, lengths)])
+        for (text, finish, count), prompt, n in zip(got, prompts, lengths):
+            reference = greedy_reference(model, prompt, n)
+            assert text == text_of(enc, reference)
+            assert count == len(reference)
+            assert finish == ("stop" if optimus.EOT_ID in reference else "length")
+        assert engine.peak_busy == 2 and int(engine.pos.max()) < seq
+        engine.decoder.check()  # no cache write fell outside the cache
+    finally:
+        engine.stop()
+
+
+@requires_cuda
+def test_cuda_concurrent_engine_answers_equal_each_alone(checkpoint, enc):
+    """On the GPU (bf16, the extension's kernels, the CUDA graph): greedy answers of different
+    lengths token for token, and seeded ones, equal the same jobs run alone."""
+    model, _, _ = optimus.inference_model(str(checkpoint), "cuda", "auto")
+    engine = serve.Engine(model, enc, 4)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, optimus.EOT_ID, (n,)).tolist() for n in (1, 4, 9, 17, 30, 50, 70, 3)]
+    lengths = [20, 64, 12, 100, 33, 7, 90, 1]
+    seeds = [None, None, 4, None, None, 8, None, None]
+
+    def jobs():
+        return [serve.Job(prompt=p, max_tokens=n, temperature=0 if s is None else 0.9, top_p=1.0 if s is None else 0.9,
+                          seed=s) for p, n, s in zip(prompts, lengths, seeds)]
+    try:
+        alone = engine_answers(engine, jobs(), together=False)
+        engine.peak_busy = 0
+        assert engine_answers(engine, jobs()) == alone
+        assert engine.peak_busy == 4
+        engine.decoder.check()
+    finally:
+        engine.stop()
+
+
+def test_handler_merges_text_events_that_are_already_waiting():
+    """A handler that fell behind sends what has queued up as one chunk; the end stays its own event."""
+    job = serve.Job(prompt=[1], max_tokens=4)
+    for event in (("text", "a"), ("text", "bc"), ("text", "d"), ("end", "length")):
+        job.events.put(event)
+    handler = type("FakeHandler", (), {"client_gone": lambda self: False})()
+    assert list(serve.Handler.events(handler, job)) == [("text", "abcd"), ("end", "length")]
 
 
 # ----------------------------------------------------------------------------- the API
