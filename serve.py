@@ -20,6 +20,7 @@ The chat page is one static file, serve_page.html, served at `/`.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import queue
 import select
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -305,7 +307,7 @@ class Engine:
         self.launches = 0
         self.pending: Launch | None = None  # the step queued last turn, not read yet
         self.fresh: set[int] = set()        # rows admitted since the last step was queued
-        self.groups: list[tuple[torch.Tensor | None, Slot]] | None = None  # sampling groups, None: to rebuild
+        self.groups: list | None = None  # sampling groups (see _groups), None: to rebuild
         self.done: collections.deque[Job] = collections.deque(maxlen=256)  # recent jobs, newest last
         self.peak_busy = 0  # most slots busy at once (tests and the bench read it)
         self.steps = 0      # decode steps queued (the bench reports steps/s from it)
@@ -367,10 +369,8 @@ class Engine:
         if self.fresh:  # their first tokens (sampled from the prefill) are still unread
             host[0].copy_(self.tokens, non_blocking=True)
         logits = self.decoder.step(self.tokens, self.pos)                                         # (B, V)
-        for index, slot in self._groups():
-            job = slot.job
-            chosen = optimus.sample_next(logits if index is None else logits.index_select(0, index), job.temperature,
-                                         job.top_p, job.top_k, slot.generator, impl=self.sample_impl)
+        for index, sample in self._groups():
+            chosen = sample(logits if index is None else logits.index_select(0, index))
             if index is None:
                 self.tokens.copy_(chosen)
             else:
@@ -398,25 +398,42 @@ class Engine:
             if self.slots[row] is slot:
                 self._advance(row, sampled[row])
 
-    def _groups(self) -> list[tuple[torch.Tensor | None, Slot]]:
-        """The busy rows grouped by sampling settings, as (device row index, or None for all
-        rows, a slot holding the settings), rebuilt only when a job joins or leaves: greedy rows
-        share one argmax, unseeded rows with equal settings one sample_next call, and a seeded
-        row draws from its own generator alone, so its draws do not depend on its neighbours."""
+    def _groups(self) -> list[tuple[torch.Tensor | None, typing.Callable[[torch.Tensor], torch.Tensor]]]:
+        """The busy rows grouped for sampling, as (device row index, or None for all rows, a
+        function (n, V) logits -> (n,) tokens), rebuilt only when a job joins or leaves: greedy
+        rows share one argmax; unseeded rows share one sample_next call when their settings are
+        equal, else one sample_rows call with each row's own; a seeded row draws from its own
+        generator alone, so its draws do not depend on its neighbours."""
         if self.groups is None:
-            groups: dict[tuple, list[int]] = {}
+            greedy, seeded, unseeded = [], [], []
             for row, s in enumerate(self.slots):
-                if s is None:
-                    continue
-                j = s.job
-                key = ("greedy",) if j.temperature == 0 else ("seeded", row) if s.generator else (j.temperature, j.top_p, j.top_k)
-                groups.setdefault(key, []).append(row)
-            # One unseeded group samples every row, free ones too (their tokens are never read):
-            # no gather of its logits, no scatter of its tokens. A seeded row's draws must not
-            # depend on the batch, so it always samples alone.
-            whole = len(groups) == 1 and next(iter(groups))[0] != "seeded"
-            self.groups = [(None if whole else torch.tensor(rows, device=self.device), self.slots[rows[0]])
-                           for rows in groups.values()]
+                if s is not None:
+                    (greedy if s.job.temperature == 0 else seeded if s.generator else unseeded).append(row)
+            samplers = []
+            if greedy:
+                samplers.append((greedy, lambda logits: logits.argmax(-1), True))
+            if unseeded:
+                jobs = [self.slots[row].job for row in unseeded]
+                if len({(j.temperature, j.top_p, j.top_k) for j in jobs}) == 1:
+                    samplers.append((unseeded, functools.partial(optimus.sample_next, temperature=jobs[0].temperature,
+                                                                 top_p=jobs[0].top_p, top_k=jobs[0].top_k,
+                                                                 impl=self.sample_impl), True))
+                else:
+                    def settings(name, dtype):
+                        return torch.tensor([getattr(j, name) for j in jobs], dtype=dtype, device=self.device)
+                    samplers.append((unseeded, functools.partial(
+                        optimus.sample_rows, temperature=settings("temperature", torch.float32),
+                        top_p=settings("top_p", torch.float32), top_k=settings("top_k", torch.long)), False))
+            for row in seeded:
+                j = self.slots[row].job
+                samplers.append(([row], functools.partial(optimus.sample_next, temperature=j.temperature, top_p=j.top_p,
+                                                          top_k=j.top_k, generator=self.slots[row].generator,
+                                                          impl=self.sample_impl), False))
+            # A lone group with one setting samples every row, free ones too (their tokens are
+            # never read): no gather of its logits, no scatter of its tokens. Not a seeded row (its
+            # draws must not depend on the batch) nor per-row settings (they line up with rows).
+            whole = len(samplers) == 1 and samplers[0][2]
+            self.groups = [(None if whole else torch.tensor(rows, device=self.device), fn) for rows, fn, _ in samplers]
         return self.groups
 
     def _admit(self) -> None:
