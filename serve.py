@@ -304,7 +304,6 @@ class Engine:
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)                       # (B,)
         cuda = self.device.type == "cuda"
         self.hosts = [torch.empty(2, max_batch, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
-        self.launches = 0
         self.pending: Launch | None = None  # the step queued last turn, not read yet
         self.fresh: set[int] = set()        # rows admitted since the last step was queued
         self.groups: list | None = None  # sampling groups (see _groups), None: to rebuild
@@ -364,8 +363,7 @@ class Engine:
     def _launch(self, busy: list[tuple[int, Slot]]) -> Launch:
         """Queue one decode step for every row; nothing here waits for the device."""
         self.peak_busy = max(self.peak_busy, len(busy))
-        host = self.hosts[self.launches % 2]  # the other buffer is the pending step's, read after this
-        self.launches += 1
+        host = self.hosts[self.steps % 2]  # the other buffer is the pending step's, read after this
         if self.fresh:  # their first tokens (sampled from the prefill) are still unread
             host[0].copy_(self.tokens, non_blocking=True)
         logits = self.decoder.step(self.tokens, self.pos)                                         # (B, V)
