@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -654,6 +655,29 @@ def stream_completion(port: int, body: dict) -> tuple[float, int]:
     return first if first is not None else float("nan"), tokens
 
 
+def client_load(port: int, body: dict, clients: int, rounds: int) -> tuple[float, list[tuple[float, int]], list[str]]:
+    """`clients` threads, each streaming `rounds` completions one after another: (wall seconds of
+    all of them, (time to first text, tokens) per request, one message per failed request). Runs
+    in the benchmark's client process."""
+    import threading
+    results: list[tuple[float, int]] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        for _ in range(rounds):
+            try:
+                results.append(stream_completion(port, body))
+            except Exception as exc:  # counted and reported; the other clients go on
+                errors.append(f"{type(exc).__name__}: {exc}")
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, results, errors
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile: the smallest value with at least q of the values at or below it."""
     ordered = sorted(values)
@@ -664,9 +688,11 @@ def bench_serve(device: torch.device) -> list[dict]:
     """`optimus.py serve` under load: 1, 8 and 32 concurrent clients, each streaming completions
     of 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt, one after another.
     Requests/s and completion tokens/s over the wall time of all requests, and the p50 / p99 time
-    from sending a request to its first text (the queue wait and prefill included). The server
-    runs in this process (its HTTP threads and the engine's loop), on 127.0.0.1, the default model
-    with random weights, bf16, ext kernels, 32 slots; on a CPU (a smoke run) the tiny model, 16 new
+    from sending a request to its first text (the queue wait and prefill included); `steps/s`: the
+    engine's decode steps per second. The server runs in this process (its HTTP threads and the
+    engine's loop), on 127.0.0.1, the default model with random weights, bf16, ext kernels, 32
+    slots; the clients (a thread each) run in a second process, as real clients would, so their
+    JSON parsing does not share the server's GIL. On a CPU (a smoke run) the tiny model, 16 new
     tokens and up to 8 clients. `errors`: requests that failed (they count in no other column)."""
     import threading
     import serve
@@ -688,29 +714,19 @@ def bench_serve(device: torch.device) -> list[dict]:
     def load(clients: int, rounds: int, max_tokens: int) -> tuple[float, list[tuple[float, int]], list[str]]:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.9, "stream": True,
                 "stream_options": {"include_usage": True}}
-        results: list[tuple[float, int]] = []
-        errors: list[str] = []
-
-        def client() -> None:
-            for _ in range(rounds):
-                try:
-                    results.append(stream_completion(port, body))
-                except Exception as exc:  # counted and reported; the other clients go on
-                    errors.append(f"{type(exc).__name__}: {exc}")
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - start, results, errors
+        return pool.apply(client_load, (port, body, clients, rounds))
 
     rows = []
+    # The clients are another process, as real clients are: in this one their parsing of every
+    # event would share the GIL with the server's threads and the engine's loop.
+    pool = multiprocessing.get_context("spawn").Pool(1)
     try:
         load(max(levels), 1, 8)  # warm-up: every slot, the prefill shape, the HTTP threads
         for clients in levels:
             rounds = max(2, 8 // clients) if cuda else 1
+            steps = server.engine.steps
             seconds, results, errors = load(clients, rounds, new_tokens)
+            steps = server.engine.steps - steps
             for error in sorted(set(errors)):
                 print(f"warning: serve, {clients} clients: {errors.count(error)} x {error}", file=sys.stderr)
             firsts = [r[0] for r in results]
@@ -718,9 +734,11 @@ def bench_serve(device: torch.device) -> list[dict]:
             rows.append({"model": preset, "impl": impl, "max_batch": max(levels), "clients": clients,
                          "requests": len(results), "errors": len(errors), "new_tokens": new_tokens,
                          "requests/s": len(results) / seconds, "tokens/s": tokens / seconds,
+                         "steps/s": steps / seconds,
                          "ttft_p50_ms": percentile(firsts, 0.5) * 1e3, "ttft_p99_ms": percentile(firsts, 0.99) * 1e3,
                          "tokens/s_vs_1_client": tokens / seconds / (rows[0]["tokens/s"] if rows else tokens / seconds)})
     finally:
+        pool.terminate()
         server.shutdown()
         server.server_close()
         server.engine.stop()

@@ -2227,6 +2227,34 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return (logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1)
 
 
+def logits_to_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                         top_k: torch.Tensor) -> torch.Tensor:
+    """logits_to_probs with each row's own settings: (B, V) logits, temperature (B,) (> 0), top_p
+    (B,), top_k (B,) long (0: all tokens) -> (B, V) probabilities, row b equal to
+    logits_to_probs(logits[b:b+1], temperature[b], top_p[b], top_k[b]). It sorts every row (twice)
+    whatever its settings, so it pays off only against one call per distinct setting."""
+    x = logits.float()
+    x = (x - x.amax(-1, keepdim=True)) / temperature.float().clamp_min(MIN_TEMPERATURE)[:, None]  # (B, V)
+    V = x.shape[-1]
+    kth = x.sort(dim=-1, descending=True).values.gather(-1, (top_k.clamp(1, V) - 1)[:, None])    # (B, 1)
+    cut_k = ((top_k > 0) & (top_k < V))[:, None]                                                   # (B, 1)
+    x = x.masked_fill(cut_k & (x < kth), float("-inf"))
+    probs = x.softmax(-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values                                      # (B, V)
+    inside = (sorted_probs.cumsum(-1) - sorted_probs < top_p[:, None]).sum(-1, keepdim=True)        # (B, 1)
+    threshold = sorted_probs.gather(-1, inside - 1)                                                # (B, 1)
+    nucleus = x.masked_fill(probs < threshold, float("-inf")).softmax(-1)
+    return torch.where((top_p < 1)[:, None], nucleus, probs)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from (B, V) logits, each row with its own settings (logits_to_probs_rows;
+    temperatures > 0: greedy rows take argmax elsewhere), in one exponential race like sample_next."""
+    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
+    return (logits_to_probs_rows(logits, temperature, top_p, top_k) / race).argmax(-1)
+
+
 class CacheRows:
     """One row of a KVCache as (1, KV, S, hd) views: writes through `update` land in that row only."""
 

@@ -7,9 +7,10 @@ Three parts, top to bottom:
   shape (`ApiError`), stop strings held back across token boundaries (`StopText`);
 - `Engine`: one thread owns the model's `Decoder` with `max_batch` rows (slots). Each turn of its
   loop drops cancelled jobs, prefills waiting jobs into free slots (one row each, through
-  `Decoder.prefill_rows`), then runs one decode step for every slot and samples each busy row with
-  its own job's settings. A job leaves its slot as soon as it ends; jobs beyond the slots wait in a
-  bounded queue. A row's numbers never depend on the other rows, so an answer equals the same
+  `Decoder.prefill_rows`), then queues one decode step for every slot, sampling each busy row with
+  its own job's settings, and only then hands out the tokens of the step queued the turn before
+  (the GPU runs one step ahead of the host's text work). A job leaves its slot as soon as it ends;
+  jobs beyond the slots wait in a bounded queue. A row's numbers never depend on the other rows, so an answer equals the same
   request's answer alone (greedy: token for token; seeded: each job draws from its own generator);
 - HTTP: `http.server`'s ThreadingHTTPServer, one thread per connection, which reads the job's
   events and writes JSON or server-sent events. A handler notices a client that went away (the
@@ -19,6 +20,7 @@ The chat page is one static file, serve_page.html, served at `/`.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import queue
 import select
@@ -28,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -250,13 +253,23 @@ class StopText:
 
 @dataclass
 class Slot:
-    """A decoder row serving one job: the token to feed next and its position."""
+    """A decoder row serving one job (the row's next token and position live on the device)."""
     job: Job
-    token: int
-    pos: int
     text: optimus.TextStream
     stop: StopText
     generator: torch.Generator | None
+
+
+@dataclass
+class Launch:
+    """One decode step queued on the device, read by the host one turn later: the (2, B) host
+    buffer its tokens land in (row 0: the tokens it was fed, copied only for rows admitted just
+    before it; row 1: the tokens it sampled), the event that says they landed, and the slots it
+    served (a slot no longer in its row when the step is read has ended: its tokens are dropped)."""
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    slots: list[tuple[int, Slot]]
+    fresh: set[int]
 
 
 class QueueFull(Exception):
@@ -265,7 +278,14 @@ class QueueFull(Exception):
 
 class Engine:
     """Continuous batching over one `Decoder`: see the module docstring. All model work happens on
-    this engine's thread; other threads only `submit` jobs and read their events."""
+    this engine's thread; other threads only `submit` jobs and read their events.
+
+    The step is pipelined: each row's next token and position stay in device buffers that the
+    step itself updates (the sampled token written back, the position advanced), and the host
+    reads a step's tokens only after it queued the next step, so the GPU computes step N+1 while
+    Python turns step N's tokens into text. A row whose job ended meanwhile has run one step too
+    many: that step wrote only its own cache row, past its answer (a next prefill rewrites the row
+    from position 0, and decoding writes each position before it reads it), and its token is dropped."""
 
     def __init__(self, model: optimus.Transformer, enc, max_batch: int, max_queue: int = MAX_QUEUE,
                  compile: bool = False):
@@ -278,8 +298,18 @@ class Engine:
             self.decoder.warm_up()
         self.waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self.slots: list[Slot | None] = [None] * max_batch
+        # Each row's next token and its position, on the device; a free row keeps stepping (the
+        # step has a static shape) at a position held inside the cache, writing its own row only.
+        self.tokens = torch.full((max_batch,), optimus.EOT_ID, dtype=torch.long, device=self.device)  # (B,)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)                       # (B,)
+        cuda = self.device.type == "cuda"
+        self.hosts = [torch.empty(2, max_batch, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.pending: Launch | None = None  # the step queued last turn, not read yet
+        self.fresh: set[int] = set()        # rows admitted since the last step was queued
+        self.groups: list | None = None  # sampling groups (see _groups), None: to rebuild
         self.done: collections.deque[Job] = collections.deque(maxlen=256)  # recent jobs, newest last
         self.peak_busy = 0  # most slots busy at once (tests and the bench read it)
+        self.steps = 0      # decode steps queued (the bench reports steps/s from it)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="optimus-engine", daemon=True)
         self.thread.start()
@@ -312,30 +342,97 @@ class Engine:
             except Exception:  # e.g. out of memory: the jobs in the batch fail, the server goes on
                 traceback.print_exc()
                 message = traceback.format_exc(limit=1).strip().splitlines()[-1]
+                self.pending, self.fresh = None, set()
                 for row, slot in enumerate(self.slots):
                     if slot is not None:
                         self._finish(row, "error", message=message)
 
     def _turn(self) -> None:
-        """One turn of the loop: drop cancelled jobs, admit waiting ones, one decode step for all."""
+        """One turn of the loop: drop cancelled jobs, admit waiting ones, queue one decode step for
+        all rows, then hand out the tokens of the step queued last turn."""
         for row, slot in enumerate(self.slots):
             if slot is not None and slot.job.cancelled.is_set():
                 self._finish(row, "cancelled")
         self._admit()
-        rows = [row for row, slot in enumerate(self.slots) if slot is not None]
-        if not rows:
-            return
-        self.peak_busy = max(self.peak_busy, len(rows))
-        # Free rows step too (the step has a static shape): they write their own cache row at
-        # position 0, which the next prefill into that row overwrites before anything reads it.
-        tokens = [s.token if s else optimus.EOT_ID for s in self.slots]
-        pos = [s.pos if s else 0 for s in self.slots]
-        logits = self.decoder.step(torch.tensor(tokens, device=self.device),
-                                   torch.tensor(pos, device=self.device))                   # (B, V)
-        index = torch.tensor(rows, device=self.device)
-        chosen = self._sample([self.slots[r] for r in rows], logits[index])
-        for row, token in zip(rows, chosen):
-            self._advance(row, token)
+        busy = [(row, slot) for row, slot in enumerate(self.slots) if slot is not None]
+        launch = self._launch(busy) if busy else None
+        if self.pending is not None:
+            self._read(self.pending)
+        self.pending = launch
+
+    def _launch(self, busy: list[tuple[int, Slot]]) -> Launch:
+        """Queue one decode step for every row; nothing here waits for the device."""
+        self.peak_busy = max(self.peak_busy, len(busy))
+        host = self.hosts[self.steps % 2]  # the other buffer is the pending step's, read after this
+        if self.fresh:  # their first tokens (sampled from the prefill) are still unread
+            host[0].copy_(self.tokens, non_blocking=True)
+        logits = self.decoder.step(self.tokens, self.pos)                                         # (B, V)
+        for index, sample in self._groups():
+            chosen = sample(logits if index is None else logits.index_select(0, index))
+            if index is None:
+                self.tokens.copy_(chosen)
+            else:
+                self.tokens.index_copy_(0, index, chosen)
+        self.pos.add_(1).clamp_(max=self.model.cfg.max_seq_len - 1)
+        host[1].copy_(self.tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.steps += 1
+        launch = Launch(host, event, busy, self.fresh)
+        self.fresh = set()
+        return launch
+
+    def _read(self, launch: Launch) -> None:
+        """Hand a queued step's tokens to the jobs it served that are still running."""
+        if launch.event is not None:
+            launch.event.synchronize()
+        fed = launch.host[0].tolist() if launch.fresh else None
+        sampled = launch.host[1].tolist()
+        for row, slot in launch.slots:
+            if row in launch.fresh and self.slots[row] is slot:
+                self._advance(row, fed[row])
+            if self.slots[row] is slot:
+                self._advance(row, sampled[row])
+
+    def _groups(self) -> list[tuple[torch.Tensor | None, typing.Callable[[torch.Tensor], torch.Tensor]]]:
+        """The busy rows grouped for sampling, as (device row index, or None for all rows, a
+        function (n, V) logits -> (n,) tokens), rebuilt only when a job joins or leaves: greedy
+        rows share one argmax; unseeded rows share one sample_next call when their settings are
+        equal, else one sample_rows call with each row's own; a seeded row draws from its own
+        generator alone, so its draws do not depend on its neighbours."""
+        if self.groups is None:
+            greedy, seeded, unseeded = [], [], []
+            for row, s in enumerate(self.slots):
+                if s is not None:
+                    (greedy if s.job.temperature == 0 else seeded if s.generator else unseeded).append(row)
+            samplers = []
+            if greedy:
+                samplers.append((greedy, lambda logits: logits.argmax(-1), True))
+            if unseeded:
+                jobs = [self.slots[row].job for row in unseeded]
+                if len({(j.temperature, j.top_p, j.top_k) for j in jobs}) == 1:
+                    samplers.append((unseeded, functools.partial(optimus.sample_next, temperature=jobs[0].temperature,
+                                                                 top_p=jobs[0].top_p, top_k=jobs[0].top_k,
+                                                                 impl=self.sample_impl), True))
+                else:
+                    def settings(name, dtype):
+                        return torch.tensor([getattr(j, name) for j in jobs], dtype=dtype, device=self.device)
+                    samplers.append((unseeded, functools.partial(
+                        optimus.sample_rows, temperature=settings("temperature", torch.float32),
+                        top_p=settings("top_p", torch.float32), top_k=settings("top_k", torch.long)), False))
+            for row in seeded:
+                j = self.slots[row].job
+                samplers.append(([row], functools.partial(optimus.sample_next, temperature=j.temperature, top_p=j.top_p,
+                                                          top_k=j.top_k, generator=self.slots[row].generator,
+                                                          impl=self.sample_impl), False))
+            # A lone group with one setting samples every row, free ones too (their tokens are
+            # never read): no gather of its logits, no scatter of its tokens. Not a seeded row (its
+            # draws must not depend on the batch) nor per-row settings (they line up with rows).
+            whole = len(samplers) == 1 and samplers[0][2]
+            self.groups = [(None if whole else torch.tensor(rows, device=self.device), fn) for rows, fn, _ in samplers]
+        return self.groups
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free slots; when nothing runs, wait a little for one."""
@@ -343,7 +440,7 @@ class Engine:
             if self.slots[row] is not None:
                 continue
             try:
-                idle = all(s is None for s in self.slots)
+                idle = self.pending is None and all(s is None for s in self.slots)
                 job = self.waiting.get(timeout=POLL_S) if idle else self.waiting.get_nowait()
             except queue.Empty:
                 return
@@ -354,8 +451,8 @@ class Engine:
             generator = None
             if job.seed is not None and job.temperature > 0:
                 generator = torch.Generator(self.device).manual_seed(job.seed)
-            self.slots[row] = Slot(job, optimus.EOT_ID, len(job.prompt) - 1, optimus.TextStream(self.enc),
-                                   StopText(job.stop), generator)
+            slot = self.slots[row] = Slot(job, optimus.TextStream(self.enc), StopText(job.stop), generator)
+            self.groups = None
             try:
                 # Padded to a multiple of PREFILL_BUCKET, as generate() does: few distinct shapes.
                 width = min(-(-len(job.prompt) // optimus.PREFILL_BUCKET) * optimus.PREFILL_BUCKET,
@@ -363,31 +460,16 @@ class Engine:
                 tokens = torch.full((1, width), optimus.EOT_ID, dtype=torch.long)
                 tokens[0, : len(job.prompt)] = torch.tensor(job.prompt)
                 logits = self.decoder.prefill_rows([row], tokens.to(self.device), torch.tensor([len(job.prompt)]))
-                token = self._sample([self.slots[row]], logits)[0]
+                self.tokens[row: row + 1] = optimus.sample_next(logits, job.temperature, job.top_p, job.top_k,
+                                                                slot.generator, impl=self.sample_impl)
+                self.pos[row] = len(job.prompt)
             except Exception:  # a prefill that fails (a long prompt out of memory) fails its job only
                 self._finish(row, "error", message=traceback.format_exc(limit=1).strip().splitlines()[-1])
                 continue
-            self._advance(row, token)
-
-    def _sample(self, slots: list[Slot], logits: torch.Tensor) -> list[int]:
-        """Next token for each slot from its (len(slots), V) logits, each with its own job's settings:
-        greedy rows share one argmax, unseeded rows with equal settings one sample_next call, and a
-        seeded row draws from its own generator alone, so its draws do not depend on its neighbours."""
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(slots):
-            j = s.job
-            key = ("greedy",) if j.temperature == 0 else ("seeded", i) if s.generator else (j.temperature, j.top_p, j.top_k)
-            groups.setdefault(key, []).append(i)
-        out = torch.empty(len(slots), dtype=torch.long, device=self.device)
-        for idx in groups.values():
-            s = slots[idx[0]]
-            index = torch.tensor(idx, device=self.device)
-            out[index] = optimus.sample_next(logits[index], s.job.temperature, s.job.top_p, s.job.top_k, s.generator,
-                                             impl=self.sample_impl)
-        return out.tolist()  # the step's one host synchronization
+            self.fresh.add(row)
 
     def _advance(self, row: int, token: int) -> None:
-        """Hand a row's new token to its job: text out, and the job ends or feeds it back next step."""
+        """Hand a row's new token to its job: text out, and the job ends or goes on."""
         slot = self.slots[row]
         job = slot.job
         job.completion_tokens += 1
@@ -400,11 +482,11 @@ class Engine:
             return self._finish(row, "stop")
         if job.completion_tokens == job.max_tokens:
             return self._finish(row, "length", tail=True)
-        slot.token, slot.pos = token, slot.pos + 1
 
     def _finish(self, row: int, reason: str, tail: bool = False, message: str = "") -> None:
         """End a row's job (sending any held-back text when `tail`) and free the row."""
         slot, self.slots[row] = self.slots[row], None
+        self.groups = None
         job = slot.job
         if tail:  # no stop string was hit: what was held back is answer text after all
             text, hit = slot.stop.push(slot.text.flush())
