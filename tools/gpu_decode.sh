@@ -2,7 +2,8 @@
 # Issue 12's decode path on one H200: the CUDA tests of the decode kernels and the decode path,
 # bench decode (programmatic dependent launch on, with transformers) and the batch-1 step with
 # it off (OPTIMUS_PDL=0), decode_linear's micro-benchmark both ways, and the CLI's own speed.
-# Needs TIKTOKEN_CACHE_DIR; results and logs in $OUT. The extension must build first (or is built here).
+# Needs TIKTOKEN_CACHE_DIR; results and logs in $OUT.
+#   tools/gpu_decode.sh [all|extras]     # extras: only the kernel listing, the micro-benchmark and the CLI
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 OUT="${OUT:-out}"
@@ -11,6 +12,7 @@ failed=0
 stage() { echo "--- $(date -u +%T) ($SECONDS s) $*"; }
 stage build
 python3 -c "import optimus; optimus.load_extension(); print('extension', optimus.extension_status())" 2>&1 | tail -5
+if [ "${1:-all}" = all ]; then
 stage "CUDA tests: decode kernels and path"
 timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_linear.py \
     tests/test_model.py tests/test_sample.py -k cuda 2>&1 | tee "$OUT/decode_tests.txt" | tail -15 || failed=1
@@ -22,6 +24,7 @@ import torch, bench
 rows = bench.bench_decode(torch.device("cuda"), hf=False, profile=False)
 print(bench.format_table([r for r in rows if r.get("batch") == 1]))
 PY
+fi
 stage "kernels of one step (batch 1 and 16), by time"
 timeout 90 python3 - <<'PY' || failed=1
 import torch, optimus

@@ -2,7 +2,8 @@
 # One round of GPU checks, in stages that each fit one device call (the extension is built once
 # into .ext and kept while the machine stays warm):
 #   tools/gpu_round.sh a   # decode kernels and path, sampling kernel, serve
-#   tools/gpu_round.sh b   # training step (CUDA graph, bench train), issue 16's recipe
+#   tools/gpu_round.sh b   # training step (CUDA graph, bench train), serve
+#   tools/gpu_round.sh c   # issue 16's recipe, the decode step's kernels and decode_linear's micro-benchmark
 # Needs .carry/tiktoken_cache (copied from ../shared/data). Logs and results in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,11 @@ a)
   ;;
 b)
   part train 260 tools/gpu_train.sh
+  part serve 150 tools/gpu_serve.sh
+  ;;
+c)
   part issue16 330 tools/gpu_issue16.sh
+  part decode-extras 200 tools/gpu_decode.sh extras
   ;;
 esac
 echo "=== done ($SECONDS s)"
