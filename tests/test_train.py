@@ -395,6 +395,17 @@ def test_cuda_graph_training_follows_the_eager_path(tmp_path, data_dir):
 
 
 @requires_cuda
+def test_cuda_graph_auto_captures_small_compiled_steps_only(tmp_path, data_dir, monkeypatch):
+    def mode(**overrides):  # graph_configs: batch 4 x max_length 32
+        return optimus.Trainer(*graph_configs(tmp_path, data_dir, cuda_graph="auto", **overrides)).graph_mode
+    monkeypatch.setattr(optimus, "GRAPH_AUTO_MAX_TOKENS", 4 * 32)
+    assert mode(compile="true") == "step"
+    assert mode(compile="false") == "off"  # measured compiled only
+    monkeypatch.setattr(optimus, "GRAPH_AUTO_MAX_TOKENS", 4 * 32 - 1)
+    assert mode(compile="true") == "off"
+
+
+@requires_cuda
 def test_cuda_graph_resume_continues_bit_for_bit(tmp_path, data_dir):
     """Deterministic kernels (flash attention's backward adds atomically otherwise): a run stopped
     at step 4 and resumed with the graph ends where the straight graph run ends."""
