@@ -29,6 +29,9 @@
  * q rows are rotated at the position clamped into the table, as in the reference.
  *
  * Dtypes: q, k, v and the caches share one of float32, bfloat16, float16. Math in float32.
+ *
+ * Launched with programmatic dependent launch (pdl.h; inside a CUDA graph only): the launch
+ * overlaps the QKV projection's tail, and the kernel waits for it before reading anything.
  */
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,6 +41,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "pdl.h"
 
 namespace optimus {
 namespace {
@@ -118,6 +123,8 @@ rope_kv_append_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
                       int* __restrict__ status, const RopeArgs a) {
   using P = Pack<T, V>;
+  pdl_wait();  // q, k and v are the QKV projection's output (pdl.h)
+  pdl_launch_dependents();
   const int thread = blockIdx.x * kThreads + threadIdx.x;
   if (thread >= a.threads) return;
   const int rows_per_token = a.H + 2 * a.KV;  // H query rows, then KV key rows, then KV value rows
@@ -186,7 +193,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   args.threads = static_cast<int>(q.size(0) * q.size(1) * (args.H + 2 * args.KV) * args.packs);  // < 2^31: checked
   if (args.threads == 0) return;  // an empty batch: nothing to launch
   const unsigned int blocks = static_cast<unsigned int>((args.threads + kThreads - 1) / kThreads);
-  rope_kv_append_kernel<T, V><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  (void)launch_pdl(rope_kv_append_kernel<T, V>, dim3(blocks), dim3(kThreads), 0, at::cuda::getCurrentCUDAStream(),
       static_cast<const T*>(q.const_data_ptr()), static_cast<const T*>(k.const_data_ptr()),
       static_cast<const T*>(v.const_data_ptr()), static_cast<const float*>(cos.const_data_ptr()),
       static_cast<const float*>(sin.const_data_ptr()), static_cast<const int64_t*>(pos.const_data_ptr()),
