@@ -18,12 +18,14 @@ timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_atten
     tests/test_model.py tests/test_sample.py -k cuda 2>&1 | tee "$OUT/decode_tests.txt" | tail -15 || failed=1
 stage "bench decode (PDL on)"
 timeout 150 python3 bench.py --device cuda --only decode --json "$OUT/decode.json" 2>&1 | tail -12 || failed=1
+if [ "${PDL_AB:-0}" = 1 ]; then
 stage "batch-1 step with PDL off"
 OPTIMUS_PDL=0 timeout 60 python3 - <<'PY' || failed=1
 import torch, bench
 rows = bench.bench_decode(torch.device("cuda"), hf=False, profile=False)
 print(bench.format_table([r for r in rows if r.get("batch") == 1]))
 PY
+fi
 fi
 stage "kernels of one step (batch 1 and 16), by time"
 timeout 90 python3 - <<'PY' || failed=1

@@ -4,6 +4,7 @@
 #   tools/gpu_round.sh a   # decode kernels and path, sampling kernel, serve
 #   tools/gpu_round.sh b   # training step (CUDA graph, bench train), serve
 #   tools/gpu_round.sh c   # issue 16's recipe, the decode step's kernels and decode_linear's micro-benchmark
+#   tools/gpu_round.sh d   # decode (tests, bench with transformers), serve, the training step at the seed's defaults
 # Needs .carry/tiktoken_cache (copied from ../shared/data). Logs and results in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,11 @@ b)
 c)
   part issue16 330 tools/gpu_issue16.sh
   part decode-extras 200 tools/gpu_decode.sh extras
+  ;;
+d)
+  part decode 200 tools/gpu_decode.sh
+  part serve 120 tools/gpu_serve.sh
+  TRAIN_CASES=b8-ckpt:optimus-auto,b8-ckpt:hf GPU_LIMIT_S=150 part train 160 tools/gpu_train.sh
   ;;
 esac
 echo "=== done ($SECONDS s)"
