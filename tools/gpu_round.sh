@@ -35,7 +35,7 @@ b)
   part serve 150 tools/gpu_serve.sh
   ;;
 c)
-  part issue16 330 tools/gpu_issue16.sh
+  part issue16 340 tools/gpu_issue16.sh 300 150
   part decode-extras 200 tools/gpu_decode.sh extras
   ;;
 d)
