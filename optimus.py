@@ -2353,11 +2353,21 @@ class Decoder:
         return self.logits
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
-        """One short generation, thrown away. On CUDA a kernel's first launch loads it (milliseconds
-        each): without this, the first answer's tokens/s would count that loading too."""
+        """One short generation, thrown away, then one prefill of every padded prompt width. On
+        CUDA a kernel's first launch loads it, and each new prefill width makes the attention and
+        matmul libraries plan anew (H200: the first answer to a 100-token prompt, width 128, waited
+        80 ms for its first token, the next ones 7 ms): without this, the first answer's tokens/s
+        and first token would count that too. The prefills only write cache slots that the next
+        prefill writes again."""
         for _ in generate(self.model, [[EOT_ID] * 8] * self.batch, 2, temperature, top_p, top_k,
                           eot_id=None, decoder=self):
             pass
+        device, S = self.tokens.device, self.model.cfg.max_seq_len
+        if device.type != "cuda":
+            return
+        for width in sorted(set(range(PREFILL_BUCKET, S + 1, PREFILL_BUCKET)) | {S}):  # generate()'s widths
+            tokens = torch.full((self.batch, width), EOT_ID, dtype=torch.long, device=device)
+            self.prefill(tokens, torch.full((self.batch,), width, device=device))
 
     def check(self) -> None:
         """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""

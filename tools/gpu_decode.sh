@@ -27,6 +27,7 @@ print(bench.format_table([r for r in rows if r.get("batch") == 1]))
 PY
 fi
 fi
+if [ "${QUICK:-0}" != 1 ]; then
 stage "kernels of one step (batch 1 and 16), by time"
 timeout 90 python3 - <<'PY' || failed=1
 import torch, optimus
@@ -57,6 +58,7 @@ PY
 stage "decode_linear micro (PDL on, then off)"
 timeout 60 python3 tools/bench_decode_linear.py 2>&1 | tail -8
 OPTIMUS_PDL=0 timeout 60 python3 tools/bench_decode_linear.py 2>&1 | tail -8
+fi
 stage "CLI sample speed"
 python3 - <<'PY'
 import torch, optimus

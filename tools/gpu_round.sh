@@ -38,6 +38,12 @@ c)
   part issue16 340 tools/gpu_issue16.sh 300 150
   part decode-extras 200 tools/gpu_decode.sh extras
   ;;
+e)  # the last call of 2026-12-02: what changed after d's measurements
+  QUICK=1 part decode 190 tools/gpu_decode.sh
+  TAIL=12 part serve 75 tools/gpu_serve.sh
+  echo "=== $(date -u +%T) ($SECONDS s) train: the CUDA graph tests"
+  timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_train.py -k "cuda" 2>&1 | tail -4
+  ;;
 d)
   part decode 200 tools/gpu_decode.sh
   part serve 120 tools/gpu_serve.sh
