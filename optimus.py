@@ -2219,7 +2219,8 @@ def sampling_kernel_wins(device: torch.device) -> bool:
     """Whether `impl="auto"` samples with the extension's kernel: on CPU and on CUDA. On CUDA the
     split-row kernel (csrc/sample.cu: each row over many blocks, one short launch per radix digit)
     replaced one that took 626 us a step on the H200 (one block per row, 2026-12-01);
-    tools/bench_sample.py times it against the sort-based reference (about 90 us a step there)."""
+    tools/bench_sample.py times it against the sort-based reference: 26.9 against 140.5 us at
+    batch 1, 63.1 against 296.9 at batch 16 (top-p 0.9, V 50,257, bf16; H200, 2026-12-02)."""
     return True
 
 
