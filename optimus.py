@@ -519,6 +519,20 @@ def builds_cuda_kernels() -> bool:
 BUILD_NOTICE_AFTER_S = 2.0
 
 
+# Where the extension's sources are: beside this file (a checkout, `pip install -e .`), else where
+# a plain `pip install .` puts them (setup.py's data_files, under sys.prefix).
+CSRC_DIRS = (Path(__file__).resolve().parent / "csrc", Path(sys.prefix) / "share" / "optimus-prime" / "csrc")
+
+
+def csrc_dir() -> Path:
+    """The first of CSRC_DIRS that holds the extension's C++ sources."""
+    for path in CSRC_DIRS:
+        if any(path.glob("*.cpp")):
+            return path
+    raise RuntimeError(f"no extension sources found in {' or '.join(map(str, CSRC_DIRS))}: reinstall "
+                       f"Optimus Prime (pip install -e . from a checkout), or run with --impl ref")
+
+
 def load_extension(verbose: bool = False) -> None:
     """JIT-build (ninja, cached, rebuilt when a source changes) and load the csrc/ extension.
 
@@ -544,14 +558,12 @@ def load_extension(verbose: bool = False) -> None:
         # early): a guess made then from a wrapper script would break the link (-L<guess>/lib64).
         cpp_extension.CUDA_HOME = toolkit
 
-    src = Path(__file__).resolve().parent / "csrc"
+    src = csrc_dir()
     sources = sorted(str(p) for p in src.glob("*.cpp"))
     if with_cuda:
         sources += sorted(str(p) for p in src.glob("*.cu"))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
-    if not sources:
-        raise RuntimeError(f"no extension sources found in {src}")
     # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels would run on one thread.
     # The extension then shares torch's libgomp (same soname, already loaded), so one thread pool.
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []

@@ -4,7 +4,11 @@ On a machine without a GPU, install the CPU build of torch first (pip's default 
 build, with about 5 GB of NVIDIA libraries):
     pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -e .
 """
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
 
 setup(
     name="optimus-prime",
@@ -12,8 +16,11 @@ setup(
     description="A small, fast, hackable Llama-style language model engine",
     license="MIT",
     py_modules=["optimus", "data_prep", "bench", "serve"],
-    # The chat page of `optimus.py serve`: serve.py looks beside itself, then here under sys.prefix.
-    data_files=[("share/optimus-prime", ["serve_page.html"])],
+    # The chat page of `optimus.py serve` and the extension's sources (JIT-built on first use):
+    # serve.py and optimus.py look beside themselves, then here under sys.prefix.
+    data_files=[("share/optimus-prime", ["serve_page.html"]),
+                ("share/optimus-prime/csrc", sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").iterdir()
+                                                    if p.suffix in (".cpp", ".cu", ".h")))],
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy", "tiktoken", "ninja", "pybind11"],
     extras_require={
