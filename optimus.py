@@ -1630,6 +1630,11 @@ class Trainer:
             self.restore(Path(cfg.checkpoint_dir) / "latest.pt")
         elif cfg.init_from:
             self.init_from(cfg.init_from)
+        if not cfg.resume and self.dist.is_main:
+            earlier = [n for n in ("latest.pt", "best.pt") if (Path(cfg.checkpoint_dir) / n).is_file()]
+            if earlier:  # a new run writes its own: say so before the first save, while Ctrl-C still keeps them
+                print(f"note: {cfg.checkpoint_dir} holds {' and '.join(earlier)} of an earlier run; this new run "
+                      f"replaces them at its first save (--resume continues that run; --checkpoint_dir keeps both)")
         self.micro_batch = self.find_micro_batch()
         self.windows = TrainWindows(data_dir / "train.bin", cfg.max_length, cfg.batch_size, self.micro_batch,
                                     cfg.seed, self.dist.rank, self.dist.world, masks["train"])

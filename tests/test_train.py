@@ -160,6 +160,16 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(tmp_path, data_dir):
     assert (params["unclipped"] - params["foreach"]).abs().max() > 1e-3
 
 
+def test_a_new_run_says_it_replaces_an_earlier_runs_checkpoints(tmp_path, data_dir, capsys):
+    optimus.train(*configs(tmp_path, data_dir, max_steps=2))
+    assert "of an earlier run" not in capsys.readouterr().out  # nothing there yet
+    optimus.Trainer(*configs(tmp_path, data_dir, max_steps=4, run_name="second"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "of an earlier run" in line]
+    assert len(notes) == 1 and "latest.pt and best.pt" in notes[0] and "--resume" in notes[0]
+    optimus.Trainer(*configs(tmp_path, data_dir, max_steps=4, resume=True, run_name="test"))
+    assert "of an earlier run" not in capsys.readouterr().out  # resuming continues it: no note
+
+
 def test_resume_refuses_a_different_data_order(tmp_path, data_dir):
     optimus.train(*configs(tmp_path, data_dir, max_steps=2))
     with pytest.raises(optimus.UserError, match="batch_size"):
