@@ -43,7 +43,8 @@ def test_a_plain_install_ships_the_extension_sources_and_the_page(tmp_path):
     for name in ("setup.py", "optimus.py", "data_prep.py", "bench.py", "serve.py", "serve_page.html"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "csrc", src / "csrc")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    # Build isolation, as `pip install .` itself: pip fetches setuptools from the index (the venv's may be too old).
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
