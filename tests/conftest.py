@@ -14,3 +14,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
 
 requires_cuda = pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+# The kernel tests' parameters: every device (CUDA skipped without a GPU) and floating dtype.
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+DTYPES = [pytest.param(d, id=str(d).removeprefix("torch."))
+          for d in (__import__("torch").float32, __import__("torch").bfloat16, __import__("torch").float16)]

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import optimus
-from conftest import requires_cuda
+from conftest import DEVICES, DTYPES, requires_cuda
 
-DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.bfloat16: dict(rtol=1e-2, atol=1e-5),

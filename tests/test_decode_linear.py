@@ -4,13 +4,10 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import optimus
-from conftest import requires_cuda
+from conftest import DEVICES, DTYPES
 
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
-DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
 # Summation order differs from F.linear's: float32 to ~1e-5 relative; a 16-bit output may land
 # one rounding step (an ulp: 2^-8 / 2^-11 relative) away, so those compare at about an ulp.
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),

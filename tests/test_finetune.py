@@ -4,7 +4,6 @@ The expected masks are built here from the template written out by hand and from
 never with data_prep's own helpers; expected losses come from the model's logits and F.cross_entropy.
 """
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 import data_prep
 import optimus
+from test_train import configs as train_configs
 
 ENC = tiktoken.get_encoding("gpt2")
 EOT = 50256
@@ -65,11 +65,8 @@ def dolly_dir(tmp_path_factory):
 
 
 def configs(tmp_path, data_dir, **overrides):
-    values = dict(impl="ref", data_dir=str(data_dir), checkpoint_dir=str(tmp_path / "ckpt"),
-                  tensorboard_dir=str(tmp_path / "runs"), run_name="test", max_length=16, batch_size=4,
-                  num_workers=0, device="cpu", log_interval=1, eval_interval=3, eval_batches=2)
-    values.update(overrides)
-    return optimus.make_configs("tiny", **values)
+    """test_train's tiny CPU configs, with windows of 16 (the records are short) and validation every 3 steps."""
+    return train_configs(tmp_path, data_dir, **{"max_length": 16, "eval_interval": 3, **overrides})
 
 
 def test_mask_is_each_response_and_its_closing_eot(dolly_dir):

@@ -1,7 +1,6 @@
 """The sampler: the nucleus rule, determinism, the KV cache, batching, and the CLI."""
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
