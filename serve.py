@@ -123,8 +123,15 @@ class Job:
     stop: list[str] = field(default_factory=list)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set with the last event
     finish: str | None = None      # stop | length | cancelled | error, set by the engine
     completion_tokens: int = 0     # tokens generated, an end-of-text token included
+
+    def end(self, event: tuple[str, str]) -> None:
+        """Queue the last event, ("end", reason) or ("error", message), and wake a handler that
+        is holding text back (Handler.events)."""
+        self.events.put(event)
+        self.ended.set()
 
 
 def render_chat(enc, template: dict | None, messages: list[dict], budget: int) -> list[int]:
@@ -336,7 +343,7 @@ class Engine:
         self.stopping.set()
         self.thread.join()
         while not self.waiting.empty():
-            self.waiting.get_nowait().events.put(("error", "the server is shutting down"))
+            self.waiting.get_nowait().end(("error", "the server is shutting down"))
         for row, slot in enumerate(self.slots):
             if slot is not None:
                 self._finish(row, "error", message="the server is shutting down")
@@ -502,7 +509,7 @@ class Engine:
             if text:
                 job.events.put(("text", text))
         job.finish = reason
-        job.events.put(("error", message) if reason == "error" else ("end", reason))
+        job.end(("error", message) if reason == "error" else ("end", reason))
         self.done.append(job)
 
 
@@ -694,11 +701,12 @@ class Handler(BaseHTTPRequestHandler):
                 pending = None
                 if event is not None and event[0] == "text":
                     hold = min(STREAM_HOLD_MAX_S, STREAM_HOLD_PER_CLIENT_S * len(streams or ()))
-                    deadline = sent + hold
-                    while True:
-                        wait = deadline - time.monotonic()
+                    wait = sent + hold - time.monotonic()
+                    if wait > 0:  # text that comes meanwhile waits in the queue: no wake-up per token
+                        job.ended.wait(wait)  # only the end cuts the hold short
+                    while True:  # what came meanwhile, merged
                         try:
-                            following = job.events.get(timeout=wait) if wait > 0 else job.events.get_nowait()
+                            following = job.events.get_nowait()
                         except queue.Empty:
                             break
                         if following[0] != "text":

@@ -301,7 +301,7 @@ def test_handler_holds_text_while_many_streams_are_open_but_never_the_end(monkey
             job.events.put(("text", piece))
             time.sleep(0.15)
         put_at["end"] = time.monotonic()
-        job.events.put(("end", "length"))
+        job.end(("end", "length"))
     threading.Thread(target=produce, daemon=True).start()
     got = [(event, time.monotonic()) for event in serve.Handler.events(handler, job)]
     texts = [e[1] for e, _ in got if e[0] == "text"]
