@@ -58,6 +58,9 @@ def cfg_field(default, help: str):
 MAX_INDEX = 2**62
 MAX_STEPS = 10**12
 MAX_WORKERS = 256
+# `--cuda_graph auto` captures the step when a step has at most this many tokens (see
+# Trainer.resolve_cuda_graph).
+GRAPH_AUTO_MAX_TOKENS = 16384
 
 
 def positive(value) -> bool:
@@ -166,7 +169,8 @@ class TrainingConfig:
     compile: str = cfg_field("auto", "torch.compile the model: auto (on for CUDA) | true | false")
     cuda_graph: str = cfg_field("auto", "replay each training step from a CUDA graph (CUDA, one process, bf16): "
                                         "true (the whole step in one graph) | reduce-overhead (torch.compile's "
-                                        "graphs for forward and backward) | false | auto (false until measured faster)")
+                                        "graphs for forward and backward) | false | auto (true when compiled, "
+                                        f"for steps of at most {GRAPH_AUTO_MAX_TOKENS:,} tokens)")
     resume: bool = cfg_field(False, "continue from checkpoint_dir/latest.pt")
     seed: int = cfg_field(1337, "seed for initialisation and data order")
     run_name: str = cfg_field("", "run directory name under tensorboard_dir ('' : a timestamp)")
@@ -1363,8 +1367,6 @@ def val_windows(path: Path, max_length: int, count: int,
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 MEMORY_HEADROOM = 0.9  # the batch finder keeps 10% of GPU memory free for allocator fragmentation
 GRAPH_WARMUP_STEPS = 2  # eager steps before the step's CUDA graph is captured: Inductor compiles in the first
-# `--cuda_graph auto` captures the step when a step has at most this many tokens (see resolve_cuda_graph).
-GRAPH_AUTO_MAX_TOKENS = 16384
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -1771,9 +1773,8 @@ class Trainer:
             # the host's ~700 launches. A larger step is bound by its GEMMs (batch 64: 60 ms of
             # kernels), where a replay saves little and its memory pool costs: not measured, off.
             launch_bound = self.cfg.batch_size * self.cfg.max_length <= GRAPH_AUTO_MAX_TOKENS
-            compiled = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
             simple = self.rt.device.type == "cuda" and self.dist.world == 1 and not self.rt.needs_grad_scaler
-            return "step" if launch_bound and compiled and simple else "off"
+            return "step" if launch_bound and self.compiles and simple else "off"
         if wanted == "false":
             return "off"
         # GradScaler's step reads its inf check on the host, DDP and FSDP communicate between the
@@ -1782,7 +1783,7 @@ class Trainer:
                    else f"takes one process (this run has {self.dist.world})" if self.dist.world > 1
                    else "needs bf16 (this GPU trains in float16 with a GradScaler)" if self.rt.needs_grad_scaler
                    else "needs torch.compile (this run has --compile false)"
-                   if wanted == "reduce-overhead" and self.cfg.compile == "false" else None)
+                   if wanted == "reduce-overhead" and not self.compiles else None)
         if problem:
             raise UserError(f"--cuda_graph {wanted} {problem}: use --cuda_graph auto")
         return "step" if wanted == "true" else "reduce-overhead"
@@ -1907,12 +1908,16 @@ class Trainer:
             model = DistributedDataParallel(
                 model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None)
         self.ddp = model if self.dist.world > 1 and not self.fsdp else None
-        compile_on = self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
         # Compiling the DDP-wrapped module lets DDP's optimizer split graphs at its gradient buckets,
         # so communication still overlaps the backward. The whole-step graph ("step") captures
         # Inductor's kernels itself: the default mode, which makes no graphs of its own.
         mode = "reduce-overhead" if self.graph_mode == "reduce-overhead" else None
-        return torch.compile(model, mode=mode) if compile_on else model
+        return torch.compile(model, mode=mode) if self.compiles else model
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the model runs through torch.compile: --compile true, or auto on CUDA."""
+        return self.cfg.compile == "true" or (self.cfg.compile == "auto" and self.rt.device.type == "cuda")
 
     def run_record(self) -> dict:
         return {
