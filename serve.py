@@ -687,10 +687,8 @@ class Handler(BaseHTTPRequestHandler):
         Text is merged into one event per hold (see STREAM_HOLD_PER_CLIENT_S), and what is already
         waiting always: a handler that fell behind catches up with one chunk and one write instead
         of one per token. The end of the answer is never held."""
-        server = getattr(self, "server", None)
-        streams = server.open_streams if server is not None else None
-        if streams is not None:
-            streams.add(id(job))
+        streams = self.server.open_streams
+        streams.add(id(job))
         try:
             pending, sent = None, -math.inf  # when the last text went out
             while True:
@@ -700,7 +698,7 @@ class Handler(BaseHTTPRequestHandler):
                     event = None
                 pending = None
                 if event is not None and event[0] == "text":
-                    hold = min(STREAM_HOLD_MAX_S, STREAM_HOLD_PER_CLIENT_S * len(streams or ()))
+                    hold = min(STREAM_HOLD_MAX_S, STREAM_HOLD_PER_CLIENT_S * len(streams))
                     wait = sent + hold - time.monotonic()
                     if wait > 0:  # text that comes meanwhile waits in the queue: no wake-up per token
                         job.ended.wait(wait)  # only the end cuts the hold short
@@ -722,8 +720,7 @@ class Handler(BaseHTTPRequestHandler):
                         return
                     sent = time.monotonic()
         finally:
-            if streams is not None:
-                streams.discard(id(job))
+            streams.discard(id(job))
 
     def usage(self, job: Job) -> dict:
         n, m = len(job.prompt), job.completion_tokens

@@ -279,7 +279,8 @@ def test_handler_merges_text_events_that_are_already_waiting():
     job = serve.Job(prompt=[1], max_tokens=4)
     for event in (("text", "a"), ("text", "bc"), ("text", "d"), ("end", "length")):
         job.events.put(event)
-    handler = type("FakeHandler", (), {"client_gone": lambda self: False})()
+    server = type("FakeServer", (), {"open_streams": set()})()
+    handler = type("FakeHandler", (), {"client_gone": lambda self: False, "server": server})()
     assert list(serve.Handler.events(handler, job)) == [("text", "abcd"), ("end", "length")]
 
 
