@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's step in a CUDA graph and the lean optimizer step, in one GPU call (under 240 s):
 # build the extension, run the CUDA graph tests of the trainer, then `bench.py --only train` at
-# the seed's defaults (batch 8, checkpointing on: the product's choice, the whole-step graph and
+# the seed's defaults (batch 8, checkpointing on: the product's choice, now the whole-step graph, the eager step and
 # transformers side by side), batch 64 and the clip + AdamW step alone against its floor.
 # Results in $OUT (default ./out): bench.txt, train.json when the bench finishes in time.
 #   TRAIN_CASES=b8-ckpt:optimus-reduce-overhead tools/gpu_train.sh   # other cases (bench.py --help)
@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 LIMIT="${GPU_LIMIT_S:-235}"  # the whole script, in seconds
 PATH="$PATH:$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-CASES="${TRAIN_CASES:-b8-ckpt:optimus-auto,b8-ckpt:optimus-graph,b8-ckpt:hf,b64:optimus-auto,opt:optimizer-fused,opt:optimizer-foreach}"
+CASES="${TRAIN_CASES:-b8-ckpt:optimus-auto,b8-ckpt:optimus-eager,b8-ckpt:hf,b64:optimus-auto,opt:optimizer-fused,opt:optimizer-foreach}"
 failed=0
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
