@@ -394,6 +394,20 @@ def decode_attention_ref(q, k_cache, v_cache, pos, status, scale: float) -> torc
     return (attn @ v).to(q.dtype)
 
 
+def rope_append_attention_ref(qkv, cos, sin, pos, k_cache, v_cache, status, counts, num_heads: int,
+                              scale: float) -> torch.Tensor:
+    """A decoding step's attention straight from the packed QKV projection: rope_kv_append_ref of
+    its q, k, v (one new token per row, pos (B, 1)), then decode_attention_ref of the rotated q.
+
+    qkv: (B, (H + 2 KV) hd) = [q heads | k heads | v heads]; counts: (B KV,) int32, the CUDA
+    kernel's merge counters (unused here). Returns (B, H hd).
+    """
+    B, KV, hd = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.unflatten(1, (num_heads + 2 * KV, hd))[:, None].split([num_heads, KV, KV], dim=2)  # (B, 1, heads, hd)
+    q = rope_kv_append_ref(q, k, v, cos, sin, pos, k_cache, v_cache, status)                   # (B, H, 1, hd)
+    return decode_attention_ref(q, k_cache, v_cache, pos, status, scale).reshape(B, num_heads * hd)
+
+
 def add_rms_norm_ref(x, delta, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, RMSNorm(s) * weight) with s = x + delta (x when delta is None): a block's residual add
     and the norm after it, rounded as the residual add and RMSNorm.forward round them."""
@@ -460,6 +474,10 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("optimus::decode_attention")
     def _(q, k_cache, v_cache, pos, status, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("optimus::rope_append_attention")
+    def _(qkv, cos, sin, pos, k_cache, v_cache, status, counts, num_heads, scale):
+        return qkv.new_empty((qkv.shape[0], num_heads * k_cache.shape[3]))
 
     @torch.library.register_fake("optimus::decode_linear")
     def _(x, weight, norm_weight, residual, eps, swiglu):
@@ -745,6 +763,17 @@ def decode_attention(q, k_cache, v_cache, pos, status, impl: str = "ref") -> tor
     return decode_attention_ref(q, k_cache, v_cache, pos, status, scale)
 
 
+def rope_append_attention(qkv, cos, sin, pos, k_cache, v_cache, status, counts, num_heads: int,
+                          impl: str = "ref") -> torch.Tensor:
+    """Rotary, cache write and attention for one new token per row from the packed QKV output
+    (see rope_append_attention_ref): one CUDA launch instead of rope_kv_append + decode_attention."""
+    scale = 1.0 / math.sqrt(k_cache.shape[-1])
+    if impl == "ext":
+        return torch.ops.optimus.rope_append_attention(qkv, cos, sin, pos, k_cache, v_cache, status, counts,
+                                                       num_heads, scale)
+    return rope_append_attention_ref(qkv, cos, sin, pos, k_cache, v_cache, status, counts, num_heads, scale)
+
+
 def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + RMSNorm in one kernel (see add_rms_norm_ref); mixed dtypes (a float32 gain
     on bf16 activations) take the reference."""
@@ -804,11 +833,19 @@ class KVCache(nn.Module):
         # Set to 1 on CUDA by a write or an attention read at a position out of range (see
         # rope_kv_append_ref, decode_attention_ref).
         self.register_buffer("status", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+        # rope_append_attention's merge counters, one per (row, kv head): zero between calls.
+        self.register_buffer("counts", torch.zeros(batch * cfg.num_kv_heads, dtype=torch.int32, device=device),
+                             persistent=False)
 
     def update(self, q, k, v, cos, sin, pos, impl: str):
         """Rotate q, k at `pos` and store k, v there. Returns (q (B,H,T,hd), keys, values (B,KV,S,hd))."""
         q = rope_kv_append(q, k, v, cos, sin, pos, self.k, self.v, self.status, impl=impl)
         return q, self.k, self.v
+
+    def attend(self, qkv, cos, sin, pos, num_heads: int, impl: str) -> torch.Tensor:
+        """One new token per row: qkv (B, (H + 2 KV) hd) at pos (B, 1) -> attention output (B, H hd),
+        k and v stored at pos (rope_append_attention)."""
+        return rope_append_attention(qkv, cos, sin, pos, self.k, self.v, self.status, self.counts, num_heads, impl)
 
 
 class Attention(nn.Module):
@@ -825,7 +862,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if cache is not None and self.wqkv is not None:  # one GEMM instead of three
-            q, k, v = F.linear(x, self.wqkv).split([H * hd, KV * hd, KV * hd], dim=-1)
+            qkv = F.linear(x, self.wqkv)                                 # (B, T, (H + 2 KV) hd)
+            if T == 1 and mask is None and impl == "ext":  # a decoding step: one kernel to the output
+                return self.wo(cache.attend(qkv[:, 0], cos, sin, pos, H, impl)[:, None])  # (B, 1, dim)
+            q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, H, hd)                                          # (B, T, H, hd)
@@ -880,15 +920,12 @@ class Block(nn.Module):
     def decode_row(self, x: torch.Tensor, cos, sin, cache: KVCache, pos) -> torch.Tensor:
         """forward's math for one new token per row, x (B, dim) at pos (B, 1), on the extension:
         each projection one decode_linear launch with the norm before it and the SwiGLU or the
-        residual add after it folded in (norm1 + QKV, rotary + cache write, attention, wo +
-        residual, norm2 + gate-up + SwiGLU, down + residual: six launches)."""
-        a, B = self.attn, x.shape[0]
-        H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
+        residual add after it folded in, and the rotary, the cache write and the attention in one
+        kernel (norm1 + QKV, rope_append_attention, wo + residual, norm2 + gate-up + SwiGLU,
+        down + residual: five launches)."""
+        a = self.attn
         qkv = decode_linear(x, a.wqkv, self.norm1.weight, None, self.norm1.eps, False, "ext")  # (B, (H+2KV) hd)
-        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-        q, keys, values = cache.update(q.view(B, 1, H, hd), k.view(B, 1, KV, hd), v.view(B, 1, KV, hd),
-                                       cos, sin, pos, "ext")                          # (B, H, 1, hd), caches
-        y = decode_attention(q, keys, values, pos, cache.status, "ext").reshape(B, H * hd)  # T = 1: (B, H*hd)
+        y = cache.attend(qkv, cos, sin, pos, a.num_heads, "ext")                               # (B, H hd)
         x = decode_linear(y, a.wo.weight, None, x, self.norm1.eps, False, "ext")              # (B, dim)
         h = decode_linear(x, self.mlp.wgu, self.norm2.weight, None, self.norm2.eps, True, "ext")  # (B, hidden)
         return decode_linear(h, self.mlp.down.weight, None, x, self.norm2.eps, False, "ext")
@@ -2294,8 +2331,10 @@ class CacheRows:
 
     def __init__(self, cache: KVCache, row: int):
         self.k, self.v, self.status = cache.k[row: row + 1], cache.v[row: row + 1], cache.status
+        kv = cache.k.shape[1]
+        self.counts = cache.counts[row * kv: (row + 1) * kv]
 
-    update = KVCache.update  # the same rotary + append, into the views
+    update, attend = KVCache.update, KVCache.attend  # the same kernels, into the views
 
 
 class Decoder:

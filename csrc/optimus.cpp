@@ -1,7 +1,7 @@
 // The `optimus` operator library: the schemas of the fused ops, and nothing else.
 //
 // Each op's kernels register per device in their own files (swiglu.cpp / swiglu.cu,
-// rope_kv_append.cpp / rope_kv_append.cu, cross_entropy.cpp / cross_entropy.cu); the fake (meta)
+// rope_kv_append.cpp / rope_kv_append.cu, ...); the fake (meta)
 // implementations and the autograd formula are registered from Python
 // (optimus._register_python_parts), next to the pure-PyTorch references that specify every op.
 #include <torch/library.h>
@@ -28,6 +28,12 @@ TORCH_LIBRARY(optimus, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, Tensor(a!) status, "
       "float scale) -> Tensor");
+  // One new token per row straight from the packed QKV projection (B, (H + 2 KV) hd): rope_kv_append,
+  // then decode_attention, in one CUDA launch; returns (B, H hd). counts: the kernel's merge
+  // counters (B x KV,) int32, zero before and after each call.
+  m.def(
+      "rope_append_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor pos, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor(c!) status, Tensor(d!) counts, int num_heads, float scale) -> Tensor");
   // One token per row of logits (B, V), drawn from logits_to_probs(logits, temperature, top_p,
   // top_k) by the exponential race with the given Exp(1) noise race (B, V) float32; (B,) int64.
   m.def("sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p) -> Tensor");

@@ -1,0 +1,396 @@
+/*
+ * rope_append_attention: a decoding step's attention for one new token per row, with the rotary
+ * embedding and the cache write folded in. CUDA kernel. The math is rope_append_attention.cpp's
+ * (rope_kv_append, then decode_attention); this kernel computes exactly those numbers.
+ *
+ * Why one kernel: at batch 1 the step's attention was three launches a layer (rope_kv_append,
+ * the split attention, the merge of its splits), each a few microseconds of latency around very
+ * little data (the cache up to the position: about 140 KB a kv head at 270 slots).
+ *
+ * Work split: block (split, b * KV + kvh) takes the G = H / KV query heads of kv head kvh in row
+ * b and the slots [split * split_len, (split + 1) * split_len) up to the row's position p; a
+ * block past p exits at once. Every block rotates its own G query rows and the new key at p from
+ * the QKV projection's output (a few hundred bytes, so repeating that is cheaper than a launch);
+ * the block whose slots hold p writes the new key and value into the cache, and uses them from
+ * registers rather than reading them back. Within a block, as in decode_attention's one-token
+ * kernel: each warp takes every kWarps-th group of kSlots slots, its lanes hold D = hd / 32
+ * consecutive dims of each query and accumulator, a score is a lane-wise product summed by
+ * shuffles, the online softmax rescales once per group; the next group's key and value rows are
+ * loaded before the current one is used. The warps merge through shared memory.
+ *
+ * The merge of the splits happens in the same launch: each split writes its (acc, m, l) to the
+ * parts buffer, then counts itself in counts[b * KV + kvh] (atomicInc, which wraps back to 0 on
+ * the last arrival, so the counters are zero again after every call); the block that arrives last
+ * reads every split's part and writes
+ *   out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s.
+ * With one split holding visible slots, that block writes the output itself.
+ *
+ * Programmatic dependent launch (pdl.h): the kernel lets its dependents launch at once (the next
+ * projection only prefetches its weights before it waits). Before pdl_wait() it reads only what
+ * no kernel of the step writes: the positions, and the cache slots before p (written by earlier
+ * steps; this layer's cache is written in a step only by this kernel, at p), so the first group
+ * of slots is in flight while the QKV projection finishes.
+ *
+ * Layout: qkv (B, (H + 2 KV) hd) rows, row stride qkv_stride, [q heads | k heads | v heads];
+ * caches (B, KV, S, hd) contiguous; cos, sin (S_table, hd / 2) float32; pos (B,) int64 (one
+ * token per row); out (B, H * hd). Rows of D elements are loaded as one vector (the launcher
+ * checks the alignment). Taken for hd = 32 D with D in {1, 2, 4, 8} and G D <= 32 (registers);
+ * other shapes go through the two ops (rope_append_attention.cpp).
+ *
+ * Bounds: a position outside [0, min(S, S_table)) sets status[0] = 1, writes nothing, and the
+ * row attends to the cache up to its position clamped into [0, S) (an invalid call's output).
+ */
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "pdl.h"
+
+namespace optimus {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kSlots = 4;        // slots per warp per group: their rows are loaded together
+constexpr int kMinSplitLen = 32;  // slots per split at least: two groups for each warp
+constexpr int kBlocksPerSm = 2;   // the splits aim at this many blocks per SM
+constexpr int kMaxSplits = 256;   // bounds the last block's shared weights table
+
+template <typename T, int D>
+struct alignas(sizeof(T) * D) Row {
+  T v[D];
+};
+
+struct Args {
+  int H, KV, G, S, limit, hd;  // limit = min(S, S_table)
+  int splits, split_len;
+  int64_t qkv_stride;
+  float scale;
+};
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {  // the value of v once stored as T
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// The lane's D dims of a head row rotated at the angles of table row `at` (rotate-half: lanes
+// 0-15 hold the first half, lanes 16-31 the matching second half), as rope_kv_append computes
+// it (float32, no fused multiply-add), rounded to T.
+template <typename T, int D>
+__device__ __forceinline__ void rotate(float (&x)[D], const float* cos, const float* sin, int64_t at, int half,
+                                       int lane) {
+  const int i0 = (lane & 15) * D;
+#pragma unroll
+  for (int e = 0; e < D; ++e) {
+    const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);
+    const float c = cos[at * half + i0 + e], s = sin[at * half + i0 + e];
+    x[e] = lane < 16 ? __fsub_rn(__fmul_rn(x[e], c), __fmul_rn(other, s))   // x1 c - x2 s
+                     : __fadd_rn(__fmul_rn(x[e], c), __fmul_rn(other, s));  // x2 c + x1 s
+    x[e] = round_to<T>(x[e]);
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void to_floats(const Row<T, D>& r, float (&x)[D]) {
+#pragma unroll
+  for (int e = 0; e < D; ++e) x[e] = static_cast<float>(r.v[e]);
+}
+
+template <typename T, int D, int Q>
+__global__ void __launch_bounds__(kThreads)
+rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict__ cos, const float* __restrict__ sin,
+                             const int64_t* __restrict__ pos, T* __restrict__ k_cache, T* __restrict__ v_cache,
+                             int* __restrict__ status, unsigned int* __restrict__ counts, float* __restrict__ part_acc,
+                             float* __restrict__ part_ml, T* __restrict__ out, const Args a) {
+  __shared__ float w_acc[kWarps][Q][D * 32];  // each warp's accumulators, then merged
+  __shared__ float w_m[kWarps][Q], w_l[kWarps][Q];
+  __shared__ float s_weight[Q][kMaxSplits];   // the last block: each split's weight per query
+  __shared__ float s_total[Q];
+  __shared__ bool s_last;
+  const int split = blockIdx.x, bk = blockIdx.y, b = bk / a.KV, kvh = bk % a.KV;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int G = a.G, hd = a.hd, half = hd / 2;
+  using R = Row<T, D>;
+
+  pdl_launch_dependents();
+  const int64_t p_raw = pos[b];
+  const bool ok = p_raw >= 0 && p_raw < a.limit;
+  const int p = static_cast<int>(min(max(p_raw, int64_t{0}), int64_t{a.S - 1}));  // the last slot read
+  const int start = split * a.split_len, end = min(start + a.split_len, p + 1);
+  if (start >= end) return;  // no visible slot here: this split takes no part
+  const int active = p / a.split_len + 1;  // the splits with visible slots, this one among them
+  const bool mine = ok && p < start + a.split_len;  // this split holds slot p, the new token's
+
+  const int64_t cache_row0 = static_cast<int64_t>(bk) * a.S;  // (b, kvh, slot 0)
+  const R* k_rows = reinterpret_cast<const R*>(k_cache + cache_row0 * hd) + lane;  // lane's dims, slot 0
+  const R* v_rows = reinterpret_cast<const R*>(v_cache + cache_row0 * hd) + lane;
+  const int rows_per_slot = hd / D;  // Row units per cache slot (= 32)
+  R kr[kSlots], vr[kSlots];
+  auto load_group = [&](int c0) {
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int c = c0 + j;
+      if (c < end && !(mine && c == p)) {  // slot p is stale until this kernel writes it
+        kr[j] = k_rows[static_cast<int64_t>(c) * rows_per_slot];
+        vr[j] = v_rows[static_cast<int64_t>(c) * rows_per_slot];
+      }
+    }
+  };
+  int c0 = start + warp * kSlots;
+  if (c0 < end) load_group(c0);
+  pdl_wait();  // qkv is the QKV projection's output
+
+  if (!ok && split == 0 && kvh == 0 && threadIdx.x == 0) *status = 1;  // once per bad row; all write 1
+  const int64_t at = min(max(p_raw, int64_t{0}), int64_t{a.limit - 1});  // the rotary table row
+  const T* row = qkv + b * a.qkv_stride;
+  float qr[Q][D], kn[D], vn[D];
+#pragma unroll
+  for (int g = 0; g < Q; ++g) {
+    if (g < G) {  // uniform over the block: the shuffles inside rotate see every lane
+      to_floats<T, D>(reinterpret_cast<const R*>(row + (kvh * G + g) * hd)[lane], qr[g]);
+      rotate<T, D>(qr[g], cos, sin, at, half, lane);
+#pragma unroll
+      for (int e = 0; e < D; ++e) qr[g][e] *= a.scale;
+    }
+  }
+  to_floats<T, D>(reinterpret_cast<const R*>(row + (a.H + kvh) * hd)[lane], kn);
+  rotate<T, D>(kn, cos, sin, at, half, lane);
+  to_floats<T, D>(reinterpret_cast<const R*>(row + (a.H + a.KV + kvh) * hd)[lane], vn);
+  if (mine && warp == 0) {
+    R kw, vw;
+#pragma unroll
+    for (int e = 0; e < D; ++e) {
+      kw.v[e] = static_cast<T>(kn[e]);
+      vw.v[e] = static_cast<T>(vn[e]);
+    }
+    reinterpret_cast<R*>(k_cache + (cache_row0 + p) * hd)[lane] = kw;
+    reinterpret_cast<R*>(v_cache + (cache_row0 + p) * hd)[lane] = vw;
+  }
+
+  float acc[Q][D], m[Q], l[Q];
+#pragma unroll
+  for (int g = 0; g < Q; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < D; ++e) acc[g][e] = 0.f;
+  }
+  for (; c0 < end; c0 += kWarps * kSlots) {
+    float kf[kSlots][D], vf[kSlots][D];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (c0 + j >= end) {  // zeros, not stale registers: its weight is 0, and 0 * NaN is NaN
+#pragma unroll
+        for (int e = 0; e < D; ++e) kf[j][e] = vf[j][e] = 0.f;
+      } else if (mine && c0 + j == p) {
+#pragma unroll
+        for (int e = 0; e < D; ++e) {
+          kf[j][e] = kn[e];
+          vf[j][e] = vn[e];
+        }
+      } else {
+        to_floats<T, D>(kr[j], kf[j]);
+        to_floats<T, D>(vr[j], vf[j]);
+      }
+    }
+    if (c0 + kWarps * kSlots < end) load_group(c0 + kWarps * kSlots);  // in flight while these are used
+#pragma unroll
+    for (int g = 0; g < Q; ++g) {
+      if (g >= G) break;
+      float sc[kSlots];
+      float m_new = m[g];
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        float x = 0.f;
+#pragma unroll
+        for (int e = 0; e < D; ++e) x = fmaf(qr[g][e], kf[j][e], x);
+        x = warp_sum(x);
+        sc[j] = c0 + j < end ? x : -INFINITY;
+        m_new = fmaxf(m_new, sc[j]);
+      }
+      const float c = expf(m[g] - m_new);  // slot c0 < end is visible: m_new is finite; 0 when m was -inf
+      l[g] *= c;
+#pragma unroll
+      for (int e = 0; e < D; ++e) acc[g][e] *= c;
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        const float pj = expf(sc[j] - m_new);  // 0 past the end
+        l[g] += pj;
+#pragma unroll
+        for (int e = 0; e < D; ++e) acc[g][e] = fmaf(pj, vf[j][e], acc[g][e]);
+      }
+      m[g] = m_new;
+    }
+  }
+
+  // The warps' merge: M = max m_w, acc = sum_w exp(m_w - M) acc_w, l likewise.
+#pragma unroll
+  for (int g = 0; g < Q; ++g) {
+    if (g >= G) break;
+    if (lane == 0) {
+      w_m[warp][g] = m[g];
+      w_l[warp][g] = l[g];
+    }
+#pragma unroll
+    for (int e = 0; e < D; ++e) w_acc[warp][g][lane * D + e] = acc[g][e];
+  }
+  __syncthreads();
+  const int64_t head0 = static_cast<int64_t>(b) * a.H + kvh * G;  // (b, first query head of kvh)
+  for (int i = threadIdx.x; i < G * hd; i += kThreads) {
+    const int g = i / hd, d = i % hd;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, w_m[w][g]);
+    float x = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = w_m[w][g] == -INFINITY ? 0.f : expf(w_m[w][g] - M);  // a warp with no slot: -inf
+      x += f * w_acc[w][g][d];
+      L += f * w_l[w][g];
+    }
+    if (active == 1) {
+      out[(head0 + g) * hd + d] = static_cast<T>(x / L);
+    } else {
+      part_acc[((head0 + g) * a.splits + split) * hd + d] = x;
+      if (d == 0) {
+        part_ml[((head0 + g) * a.splits + split) * 2] = M;
+        part_ml[((head0 + g) * a.splits + split) * 2 + 1] = L;
+      }
+    }
+  }
+  if (active == 1) return;
+
+  // Count this split in; the last one merges (its reads see every part: each writer fenced).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicInc(&counts[bk], static_cast<unsigned int>(active - 1)) == active - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < G * active; i += kThreads) {  // each split's weight exp(m_s - M)
+    const int g = i / active, s = i % active;
+    s_weight[g][s] = __ldcg(part_ml + ((head0 + g) * a.splits + s) * 2);  // m_s for now
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {  // every active split has a visible slot: m_s is finite
+    const int g = threadIdx.x;
+    float M = -INFINITY, L = 0.f;
+    for (int s = 0; s < active; ++s) M = fmaxf(M, s_weight[g][s]);
+    for (int s = 0; s < active; ++s) {
+      const float f = expf(s_weight[g][s] - M);
+      L += f * __ldcg(part_ml + ((head0 + g) * a.splits + s) * 2 + 1);
+      s_weight[g][s] = f;
+    }
+    s_total[g] = L;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * hd; i += kThreads) {
+    const int g = i / hd, d = i % hd;
+    const float* parts = part_acc + (head0 + g) * a.splits * hd + d;
+    float x = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < active; ++s) x = fmaf(s_weight[g][s], __ldcg(parts + s * hd), x);
+    out[(head0 + g) * hd + d] = static_cast<T>(x / s_total[g]);
+  }
+}
+
+template <typename T, int D, int Q>
+cudaError_t launch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                   at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& status, at::Tensor& counts, const Args& a,
+                   at::Tensor& out) {
+  const int64_t B = qkv.size(0);
+  at::Tensor part_acc, part_ml;
+  if (a.splits > 1) {
+    part_acc = at::empty({B * a.H, a.splits, a.hd}, qkv.options().dtype(at::kFloat));
+    part_ml = at::empty({B * a.H, a.splits, 2}, qkv.options().dtype(at::kFloat));
+  }
+  return launch_pdl(rope_append_attention_kernel<T, D, Q>, dim3(a.splits, static_cast<unsigned int>(B * a.KV)),
+                    dim3(kThreads), 0, at::cuda::getCurrentCUDAStream(), static_cast<const T*>(qkv.const_data_ptr()),
+                    cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), pos.const_data_ptr<int64_t>(),
+                    static_cast<T*>(k_cache.mutable_data_ptr()), static_cast<T*>(v_cache.mutable_data_ptr()),
+                    status.mutable_data_ptr<int>(), reinterpret_cast<unsigned int*>(counts.mutable_data_ptr<int>()),
+                    a.splits > 1 ? part_acc.mutable_data_ptr<float>() : nullptr,
+                    a.splits > 1 ? part_ml.mutable_data_ptr<float>() : nullptr,
+                    static_cast<T*>(out.mutable_data_ptr()), a);
+}
+
+template <typename T, int D>
+cudaError_t launch_heads(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                         at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& status, at::Tensor& counts,
+                         const Args& a, at::Tensor& out) {
+  if (a.G <= 4) return launch<T, D, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+  return launch<T, D, 8>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+}
+
+template <typename T>
+cudaError_t launch_dims(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                        at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& status, at::Tensor& counts,
+                        const Args& a, at::Tensor& out) {
+  switch (a.hd / 32) {
+    case 1: return launch_heads<T, 1>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    case 2: return launch_heads<T, 2>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    case 4: return launch_heads<T, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    default: return launch<T, 8, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+  }
+}
+
+bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+}  // namespace
+
+// Whether the fused kernel takes this shape (else the op runs rope_kv_append, then
+// decode_attention): hd = 32 D for D in {1, 2, 4, 8}, G D <= 32, rows of D elements aligned.
+bool rope_append_attention_cuda_takes(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      int64_t num_heads) {
+  const int64_t hd = k_cache.size(3), KV = k_cache.size(1), G = num_heads / KV, D = hd / 32;
+  if (hd % 32 != 0 || !(D == 1 || D == 2 || D == 4 || D == 8) || G * D > 32) return false;
+  const size_t row_bytes = static_cast<size_t>(D) * qkv.element_size();
+  return qkv.stride(0) % D == 0 && aligned(qkv.const_data_ptr(), row_bytes) &&
+         aligned(k_cache.const_data_ptr(), row_bytes) && aligned(v_cache.const_data_ptr(), row_bytes);
+}
+
+// Called by rope_append_attention.cpp once every argument is checked and the shape is taken.
+cudaError_t rope_append_attention_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& pos, at::Tensor& k_cache, at::Tensor& v_cache,
+                                       at::Tensor& status, at::Tensor& counts, int64_t num_heads, double scale,
+                                       at::Tensor& out) {
+  Args a{};
+  const int B = static_cast<int>(qkv.size(0));
+  a.H = static_cast<int>(num_heads);
+  a.KV = static_cast<int>(k_cache.size(1));
+  a.G = a.H / a.KV;
+  a.S = static_cast<int>(k_cache.size(2));
+  a.limit = static_cast<int>(std::min<int64_t>(a.S, cos.size(0)));
+  a.hd = static_cast<int>(k_cache.size(3));
+  a.qkv_stride = qkv.stride(0);
+  a.scale = static_cast<float>(scale);
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device());
+  if (err != cudaSuccess) return err;
+  // Splits fixed by (B, KV, S) and the SM count, so the grid never changes inside a CUDA graph.
+  const int want = std::max(1, (kBlocksPerSm * sms + B * a.KV - 1) / (B * a.KV));
+  int len = std::max({kMinSplitLen, (a.S + want - 1) / want, (a.S + kMaxSplits - 1) / kMaxSplits});
+  len = (len + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen;
+  a.split_len = len;
+  a.splits = (a.S + len - 1) / len;
+  switch (qkv.scalar_type()) {
+    case at::kBFloat16: return launch_dims<c10::BFloat16>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    case at::kHalf: return launch_dims<c10::Half>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    default: return launch_dims<float>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+  }
+}
+
+}  // namespace optimus

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# rope_append_attention on one H200: its CUDA tests and the decode path's, a memcheck of the
+# kernel, the decode bench (no transformers) with its per-part profile, and each kernel of one
+# eager step (exact durations: programmatic dependent launch only happens inside the graph).
+# Needs TIKTOKEN_CACHE_DIR; results and logs in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OUT="${OUT:-out}"
+mkdir -p "$OUT"
+failed=0
+stage() { echo "--- $(date -u +%T) ($SECONDS s) $*"; }
+stage build
+python3 -c "import optimus; optimus.load_extension(); print('extension', optimus.extension_status())" 2>&1 | tail -5
+stage "CUDA tests: rope_append_attention, decode attention, the decode path"
+timeout 200 python3 -m pytest -q -x -rs -p no:cacheprovider tests/test_rope_append_attention.py \
+    tests/test_decode_attention.py tests/test_model.py tests/test_sample.py -k cuda 2>&1 \
+    | tee "$OUT/attention_tests.txt" | grep -v "Warning\|warn" | tail -12 || failed=1
+stage "memcheck and racecheck of the fused kernel"
+cat > /tmp/raa_check.py <<'PY'
+import math, torch, optimus
+optimus.load_extension()
+for B, H, KV, S, hd, p in [(1, 8, 2, 512, 128, 271), (16, 8, 2, 512, 128, 300), (2, 8, 8, 3000, 64, 2999), (3, 4, 2, 65, 256, 40)]:
+    qkv = torch.randn(B, (H + 2 * KV) * hd, device="cuda", dtype=torch.bfloat16)
+    cos, sin = torch.rand(S, hd // 2, device="cuda"), torch.rand(S, hd // 2, device="cuda")
+    kc, vc = (torch.randn(B, KV, S, hd, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.full((B, 1), p, device="cuda", dtype=torch.long)
+    st, cnt = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.zeros(B * KV, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        torch.ops.optimus.rope_append_attention(qkv, cos, sin, pos, kc, vc, st, cnt, H, 1 / math.sqrt(hd))
+torch.cuda.synchronize()
+print("ok")
+PY
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 /tmp/raa_check.py 2>&1 | tail -4 || failed=1
+done
+stage "bench decode (graph, PDL on; no transformers)"
+timeout 120 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" | tee "$OUT/decode_bench.txt" || failed=1
+import torch, bench
+rows = bench.bench_decode(torch.device("cuda"), hf=False, profile=True)
+print(bench.format_table(rows))
+PY
+stage "kernels of one eager step (batch 1 and 16, position 271), by time"
+timeout 90 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" || failed=1
+import torch, optimus
+from torch.profiler import ProfilerActivity, profile
+dev = torch.device("cuda")
+cfg, _ = optimus.make_configs("base", impl="ext")
+torch.manual_seed(0)
+model = optimus.Transformer(cfg).to(dev).to(torch.bfloat16).eval()
+for batch in (1, 16):
+    dec = optimus.Decoder(model, batch, use_graph=False)
+    tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+    pos = torch.full((batch,), 271, dtype=torch.long, device=dev)
+    for _ in range(3):
+        optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / 10
+    print(f"batch {batch}: {total:.0f} us of kernels per step, {sum(e.count for e in events) / 10:.0f} kernels")
+    for e in events[:16]:
+        print(f"  {e.self_device_time_total / 10:7.1f} us {e.count / 10:5.1f}x  {e.key[:100]}")
+    del dec
+PY
+stage "done, failed=$failed"
+exit $failed
