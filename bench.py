@@ -251,6 +251,38 @@ def rope_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
     return cases
 
 
+def rope_attention_cases(device: torch.device, dtype: torch.dtype) -> list[KernelCase]:
+    """A decoding step's attention of the default model at position 271 (the end of the decode
+    bench's answers), the fused op against the two ops it replaces (`pair`: rope_kv_append, then
+    decode_attention) and the reference."""
+    def two_ops(qkv, cos, sin, pos, k_cache, v_cache, status, counts, H, scale):
+        B, KV, hd = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+        q, k, v = qkv.view(B, 1, H + 2 * KV, hd).split([H, KV, KV], dim=2)
+        q = torch.ops.optimus.rope_kv_append(q, k, v, cos, sin, pos, k_cache, v_cache, status)
+        return torch.ops.optimus.decode_attention(q, k_cache, v_cache, pos, status, scale)
+
+    compiled = torch.compile(optimus.rope_append_attention_ref, dynamic=False)
+    H, KV, hd, S, p = 8, 2, 128, 512, 271
+    cases = []
+    for B in (1, 16):
+        def make(B=B):
+            angles = torch.rand(S, hd // 2, device=device) * 2 * math.pi
+            return (torch.randn(B, (H + 2 * KV) * hd, device=device, dtype=dtype), angles.cos(), angles.sin(),
+                    torch.full((B, 1), p, device=device), torch.randn(B, KV, S, hd, device=device, dtype=dtype),
+                    torch.randn(B, KV, S, hd, device=device, dtype=dtype),
+                    torch.zeros(1, dtype=torch.int32, device=device),
+                    torch.zeros(B * KV, dtype=torch.int32, device=device), H, 1 / math.sqrt(hd))
+
+        traffic = B * dtype.itemsize * ((H + 2 * KV) * hd + 2 * KV * (p + 1) * hd + H * hd)  # qkv, cache, out
+        cases.append(KernelCase("rope_append_attention", f"B{B} S{S} pos {p}", dtype, traffic, make, {
+            "ext": lambda x: lambda: torch.ops.optimus.rope_append_attention(*x),
+            "pair": lambda x: lambda: two_ops(*x),
+            "ref": lambda x: lambda: optimus.rope_append_attention_ref(*x),
+            "compile": lambda x: lambda: compiled(*x),
+        }, False))
+    return cases
+
+
 def bench_kernels(device: torch.device) -> list[dict]:
     """GB/s of each fused op (minimum traffic / median time), ext vs ref vs compile, and the ext
     kernel's fraction of two copies measured in the same run: `ext_of_copy` against the device's
@@ -269,7 +301,7 @@ def bench_kernels(device: torch.device) -> list[dict]:
     timer = graph_seconds_per_call if cuda else seconds_per_call
     with torch.cuda.stream(torch.cuda.Stream(device)) if cuda else contextlib.nullcontext():
         for case in (swiglu_cases(device, dtype) + swiglu_packed_cases(device, dtype) + rope_cases(device, dtype)
-                     + cross_entropy_cases(device, dtype)):
+                     + rope_attention_cases(device, dtype) + cross_entropy_cases(device, dtype)):
             n_sets = 1
             if case.cold and case.bytes < 3 * l2:
                 n_sets = min(16, math.ceil(3 * l2 / case.bytes))

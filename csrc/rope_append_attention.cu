@@ -7,21 +7,24 @@
  * the split attention, the merge of its splits), each a few microseconds of latency around very
  * little data (the cache up to the position: about 140 KB a kv head at 270 slots).
  *
- * Work split: block (split, b * KV + kvh) takes the G = H / KV query heads of kv head kvh in row
- * b and the slots [split * split_len, (split + 1) * split_len) up to the row's position p; a
- * block past p exits at once. Every block rotates its own G query rows and the new key at p from
- * the QKV projection's output (a few hundred bytes, so repeating that is cheaper than a launch);
- * the block whose slots hold p writes the new key and value into the cache, and uses them from
- * registers rather than reading them back. Within a block, as in decode_attention's one-token
- * kernel: each warp takes every kWarps-th group of kSlots slots, its lanes hold D = hd / 32
- * consecutive dims of each query and accumulator, a score is a lane-wise product summed by
- * shuffles, the online softmax rescales once per group; the next group's key and value rows are
- * loaded before the current one is used. The warps merge through shared memory.
- *
+ * Work split: block (split, b * KV + kvh) of kWarps warps takes the G = H / KV query heads of kv
+ * head kvh in row b and the slots [split * split_len, (split + 1) * split_len) up to the row's
+ * position p; a block past p exits at once. Every block rotates its own G query rows and the new
+ * key at p from the QKV projection's output (a few hundred bytes, so repeating that is cheaper
+ * than a launch); the block whose slots hold p writes the new key and value into the cache, and
+ * uses them from registers rather than reading them back. Within a block, as in
+ * decode_attention's one-token kernel: each warp takes every kWarps-th group of kSlots slots,
+ * its lanes hold D = hd / 32 consecutive dims of each query and accumulator, a score is a
+ * lane-wise product summed by shuffles (the G x kSlots sums of a group interleave), the online
+ * softmax rescales once per group, and the next group's key and value rows are loaded before the
+ * current one is used. The splits are short (a group or two per warp at the default model's
+ * 512 slots), because the time is latency: the first group's rows are requested together with
+ * the position and the QKV row, before either arrives (their addresses do not depend on them).
+ * The warps merge through shared memory.
  * The merge of the splits happens in the same launch: each split writes its (acc, m, l) to the
  * parts buffer, then counts itself in counts[b * KV + kvh] (atomicInc, which wraps back to 0 on
  * the last arrival, so the counters are zero again after every call); the block that arrives last
- * reads every split's part and writes
+ * reads every split's part (kMergeBatch splits' loads in flight at once, merged online) and writes
  *   out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s.
  * With one split holding visible slots, that block writes the output itself.
  *
@@ -34,8 +37,8 @@
  * Layout: qkv (B, (H + 2 KV) hd) rows, row stride qkv_stride, [q heads | k heads | v heads];
  * caches (B, KV, S, hd) contiguous; cos, sin (S_table, hd / 2) float32; pos (B,) int64 (one
  * token per row); out (B, H * hd). Rows of D elements are loaded as one vector (the launcher
- * checks the alignment). Taken for hd = 32 D with D in {1, 2, 4, 8} and G D <= 32 (registers);
- * other shapes go through the two ops (rope_append_attention.cpp).
+ * checks the alignment). Taken for hd = 32 D with D in {1, 2, 4, 8}, G in {1, 2, 4, 8} and
+ * G D <= 32 (registers); other shapes go through the two ops (rope_append_attention.cpp).
  *
  * Bounds: a position outside [0, min(S, S_table)) sets status[0] = 1, writes nothing, and the
  * row attends to the cache up to its position clamped into [0, S) (an invalid call's output).
@@ -54,12 +57,13 @@
 namespace optimus {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kSlots = 4;        // slots per warp per group: their rows are loaded together
-constexpr int kMinSplitLen = 32;  // slots per split at least: two groups for each warp
-constexpr int kBlocksPerSm = 2;   // the splits aim at this many blocks per SM
-constexpr int kMaxSplits = 256;   // bounds the last block's shared weights table
+constexpr int kSlots = 4;                       // slots per warp per group: their rows are loaded together
+constexpr int kMinSplitLen = kWarps * kSlots;   // a split is a whole number of groups for every warp
+constexpr int kBlocksPerSm = 2;                 // the splits aim at this many blocks per SM
+constexpr int kMaxSplits = 1024;                // keeps the last block's merge short
+constexpr int kMergeBatch = 16;                 // parts loaded at once by the merging block
 
 template <typename T, int D>
 struct alignas(sizeof(T) * D) Row {
@@ -107,31 +111,24 @@ __device__ __forceinline__ void to_floats(const Row<T, D>& r, float (&x)[D]) {
   for (int e = 0; e < D; ++e) x[e] = static_cast<float>(r.v[e]);
 }
 
-template <typename T, int D, int Q>
+template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
 rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict__ cos, const float* __restrict__ sin,
                              const int64_t* __restrict__ pos, T* __restrict__ k_cache, T* __restrict__ v_cache,
                              int* __restrict__ status, unsigned int* __restrict__ counts, float* __restrict__ part_acc,
                              float* __restrict__ part_ml, T* __restrict__ out, const Args a) {
-  __shared__ float w_acc[kWarps][Q][D * 32];  // each warp's accumulators, then merged
-  __shared__ float w_m[kWarps][Q], w_l[kWarps][Q];
-  __shared__ float s_weight[Q][kMaxSplits];   // the last block: each split's weight per query
-  __shared__ float s_total[Q];
+  __shared__ float w_acc[kWarps][G][D * 32];  // each warp's accumulators, then merged
+  __shared__ float w_m[kWarps][G], w_l[kWarps][G];
   __shared__ bool s_last;
   const int split = blockIdx.x, bk = blockIdx.y, b = bk / a.KV, kvh = bk % a.KV;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int G = a.G, hd = a.hd, half = hd / 2;
+  const int hd = a.hd, half = hd / 2;
   using R = Row<T, D>;
 
   pdl_launch_dependents();
-  const int64_t p_raw = pos[b];
-  const bool ok = p_raw >= 0 && p_raw < a.limit;
-  const int p = static_cast<int>(min(max(p_raw, int64_t{0}), int64_t{a.S - 1}));  // the last slot read
-  const int start = split * a.split_len, end = min(start + a.split_len, p + 1);
-  if (start >= end) return;  // no visible slot here: this split takes no part
-  const int active = p / a.split_len + 1;  // the splits with visible slots, this one among them
-  const bool mine = ok && p < start + a.split_len;  // this split holds slot p, the new token's
-
+  // The first group's rows go out before the position arrives (their addresses do not depend on
+  // it; slots past it are masked below), together with the position and the QKV row.
+  const int start = split * a.split_len, stop = min(start + a.split_len, a.S);
   const int64_t cache_row0 = static_cast<int64_t>(bk) * a.S;  // (b, kvh, slot 0)
   const R* k_rows = reinterpret_cast<const R*>(k_cache + cache_row0 * hd) + lane;  // lane's dims, slot 0
   const R* v_rows = reinterpret_cast<const R*>(v_cache + cache_row0 * hd) + lane;
@@ -140,47 +137,52 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
   auto load_group = [&](int c0) {
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-      const int c = c0 + j;
-      if (c < end && !(mine && c == p)) {  // slot p is stale until this kernel writes it
-        kr[j] = k_rows[static_cast<int64_t>(c) * rows_per_slot];
-        vr[j] = v_rows[static_cast<int64_t>(c) * rows_per_slot];
+      if (c0 + j < stop) {
+        kr[j] = k_rows[static_cast<int64_t>(c0 + j) * rows_per_slot];
+        vr[j] = v_rows[static_cast<int64_t>(c0 + j) * rows_per_slot];
       }
     }
   };
   int c0 = start + warp * kSlots;
-  if (c0 < end) load_group(c0);
+  load_group(c0);
+  const int64_t p_raw = pos[b];
+  const bool ok = p_raw >= 0 && p_raw < a.limit;
+  const int p = static_cast<int>(min(max(p_raw, int64_t{0}), int64_t{a.S - 1}));  // the last slot read
+  const int end = min(stop, p + 1);
+  if (start >= end) return;  // no visible slot here: this split takes no part
+  const int active = p / a.split_len + 1;  // the splits with visible slots, this one among them
+  const bool mine = ok && p < stop;        // this split holds slot p, the new token's
   pdl_wait();  // qkv is the QKV projection's output
 
   if (!ok && split == 0 && kvh == 0 && threadIdx.x == 0) *status = 1;  // once per bad row; all write 1
   const int64_t at = min(max(p_raw, int64_t{0}), int64_t{a.limit - 1});  // the rotary table row
-  const T* row = qkv + b * a.qkv_stride;
-  float qr[Q][D], kn[D], vn[D];
+  const R* row = reinterpret_cast<const R*>(qkv + b * a.qkv_stride) + lane;  // the lane's dims of head 0
+  R q_raw[G];
 #pragma unroll
-  for (int g = 0; g < Q; ++g) {
-    if (g < G) {  // uniform over the block: the shuffles inside rotate see every lane
-      to_floats<T, D>(reinterpret_cast<const R*>(row + (kvh * G + g) * hd)[lane], qr[g]);
-      rotate<T, D>(qr[g], cos, sin, at, half, lane);
+  for (int g = 0; g < G; ++g) q_raw[g] = row[(kvh * G + g) * rows_per_slot];
+  const R k_raw = row[(a.H + kvh) * rows_per_slot], v_raw = row[(a.H + a.KV + kvh) * rows_per_slot];
+  float qr[G][D], kn[D], vn[D];
 #pragma unroll
-      for (int e = 0; e < D; ++e) qr[g][e] *= a.scale;
-    }
+  for (int g = 0; g < G; ++g) {
+    to_floats<T, D>(q_raw[g], qr[g]);
+    rotate<T, D>(qr[g], cos, sin, at, half, lane);
+#pragma unroll
+    for (int e = 0; e < D; ++e) qr[g][e] *= a.scale;
   }
-  to_floats<T, D>(reinterpret_cast<const R*>(row + (a.H + kvh) * hd)[lane], kn);
+  to_floats<T, D>(k_raw, kn);
   rotate<T, D>(kn, cos, sin, at, half, lane);
-  to_floats<T, D>(reinterpret_cast<const R*>(row + (a.H + a.KV + kvh) * hd)[lane], vn);
+  to_floats<T, D>(v_raw, vn);
   if (mine && warp == 0) {
-    R kw, vw;
+    R kw;
 #pragma unroll
-    for (int e = 0; e < D; ++e) {
-      kw.v[e] = static_cast<T>(kn[e]);
-      vw.v[e] = static_cast<T>(vn[e]);
-    }
+    for (int e = 0; e < D; ++e) kw.v[e] = static_cast<T>(kn[e]);
     reinterpret_cast<R*>(k_cache + (cache_row0 + p) * hd)[lane] = kw;
-    reinterpret_cast<R*>(v_cache + (cache_row0 + p) * hd)[lane] = vw;
+    reinterpret_cast<R*>(v_cache + (cache_row0 + p) * hd)[lane] = v_raw;
   }
 
-  float acc[Q][D], m[Q], l[Q];
+  float acc[G][D], m[G], l[G];
 #pragma unroll
-  for (int g = 0; g < Q; ++g) {
+  for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
@@ -193,7 +195,7 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
       if (c0 + j >= end) {  // zeros, not stale registers: its weight is 0, and 0 * NaN is NaN
 #pragma unroll
         for (int e = 0; e < D; ++e) kf[j][e] = vf[j][e] = 0.f;
-      } else if (mine && c0 + j == p) {
+      } else if (mine && c0 + j == p) {  // the cache row is stale: the new token's, from registers
 #pragma unroll
         for (int e = 0; e < D; ++e) {
           kf[j][e] = kn[e];
@@ -205,27 +207,32 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
       }
     }
     if (c0 + kWarps * kSlots < end) load_group(c0 + kWarps * kSlots);  // in flight while these are used
+    float sc[G][kSlots];  // G x kSlots independent dot products: their shuffles interleave
 #pragma unroll
-    for (int g = 0; g < Q; ++g) {
-      if (g >= G) break;
-      float sc[kSlots];
-      float m_new = m[g];
+    for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int j = 0; j < kSlots; ++j) {
         float x = 0.f;
 #pragma unroll
         for (int e = 0; e < D; ++e) x = fmaf(qr[g][e], kf[j][e], x);
-        x = warp_sum(x);
-        sc[j] = c0 + j < end ? x : -INFINITY;
-        m_new = fmaxf(m_new, sc[j]);
+        sc[g][j] = x;
       }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) sc[g][j] = c0 + j < end ? warp_sum(sc[g][j]) : -INFINITY;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) m_new = fmaxf(m_new, sc[g][j]);
       const float c = expf(m[g] - m_new);  // slot c0 < end is visible: m_new is finite; 0 when m was -inf
       l[g] *= c;
 #pragma unroll
       for (int e = 0; e < D; ++e) acc[g][e] *= c;
 #pragma unroll
       for (int j = 0; j < kSlots; ++j) {
-        const float pj = expf(sc[j] - m_new);  // 0 past the end
+        const float pj = expf(sc[g][j] - m_new);  // 0 past the end
         l[g] += pj;
 #pragma unroll
         for (int e = 0; e < D; ++e) acc[g][e] = fmaf(pj, vf[j][e], acc[g][e]);
@@ -234,10 +241,10 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
     }
   }
 
-  // The warps' merge: M = max m_w, acc = sum_w exp(m_w - M) acc_w, l likewise.
+  // The warps' merge: M = max m_w, acc = sum_w exp(m_w - M) acc_w, l likewise (a warp with no
+  // slot has m = -inf and weight 0; warp 0 always has one).
 #pragma unroll
-  for (int g = 0; g < Q; ++g) {
-    if (g >= G) break;
+  for (int g = 0; g < G; ++g) {
     if (lane == 0) {
       w_m[warp][g] = m[g];
       w_l[warp][g] = l[g];
@@ -255,7 +262,7 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
     float x = 0.f, L = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float f = w_m[w][g] == -INFINITY ? 0.f : expf(w_m[w][g] - M);  // a warp with no slot: -inf
+      const float f = w_m[w][g] == -INFINITY ? 0.f : expf(w_m[w][g] - M);
       x += f * w_acc[w][g][d];
       L += f * w_l[w][g];
     }
@@ -278,34 +285,35 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < G * active; i += kThreads) {  // each split's weight exp(m_s - M)
-    const int g = i / active, s = i % active;
-    s_weight[g][s] = __ldcg(part_ml + ((head0 + g) * a.splits + s) * 2);  // m_s for now
-  }
-  __syncthreads();
-  if (threadIdx.x < G) {  // every active split has a visible slot: m_s is finite
-    const int g = threadIdx.x;
-    float M = -INFINITY, L = 0.f;
-    for (int s = 0; s < active; ++s) M = fmaxf(M, s_weight[g][s]);
-    for (int s = 0; s < active; ++s) {
-      const float f = expf(s_weight[g][s] - M);
-      L += f * __ldcg(part_ml + ((head0 + g) * a.splits + s) * 2 + 1);
-      s_weight[g][s] = f;
-    }
-    s_total[g] = L;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * hd; i += kThreads) {
+  for (int i = threadIdx.x; i < G * hd; i += kThreads) {  // an online merge, kMergeBatch parts per round
     const int g = i / hd, d = i % hd;
+    const float* ml = part_ml + (head0 + g) * a.splits * 2;
     const float* parts = part_acc + (head0 + g) * a.splits * hd + d;
-    float x = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < active; ++s) x = fmaf(s_weight[g][s], __ldcg(parts + s * hd), x);
-    out[(head0 + g) * hd + d] = static_cast<T>(x / s_total[g]);
+    float M = -INFINITY, L = 0.f, x = 0.f;
+    for (int s0 = 0; s0 < active; s0 += kMergeBatch) {
+      float ms[kMergeBatch], ls[kMergeBatch], xs[kMergeBatch];
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {  // every load of the round in flight at once
+        const bool in = s0 + u < active;
+        ms[u] = in ? __ldcg(ml + (s0 + u) * 2) : -INFINITY;
+        ls[u] = in ? __ldcg(ml + (s0 + u) * 2 + 1) : 0.f;
+        xs[u] = in ? __ldcg(parts + (s0 + u) * hd) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        if (ms[u] == -INFINITY) continue;  // past the active splits (an active split's m is finite)
+        const float M_new = fmaxf(M, ms[u]);
+        const float f_old = expf(M - M_new), f = expf(ms[u] - M_new);  // f_old = 0 while M = -inf
+        x = x * f_old + f * xs[u];
+        L = L * f_old + f * ls[u];
+        M = M_new;
+      }
+    }
+    out[(head0 + g) * hd + d] = static_cast<T>(x / L);
   }
 }
 
-template <typename T, int D, int Q>
+template <typename T, int D, int G>
 cudaError_t launch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
                    at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& status, at::Tensor& counts, const Args& a,
                    at::Tensor& out) {
@@ -315,7 +323,7 @@ cudaError_t launch(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
     part_acc = at::empty({B * a.H, a.splits, a.hd}, qkv.options().dtype(at::kFloat));
     part_ml = at::empty({B * a.H, a.splits, 2}, qkv.options().dtype(at::kFloat));
   }
-  return launch_pdl(rope_append_attention_kernel<T, D, Q>, dim3(a.splits, static_cast<unsigned int>(B * a.KV)),
+  return launch_pdl(rope_append_attention_kernel<T, D, G>, dim3(a.splits, static_cast<unsigned int>(B * a.KV)),
                     dim3(kThreads), 0, at::cuda::getCurrentCUDAStream(), static_cast<const T*>(qkv.const_data_ptr()),
                     cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), pos.const_data_ptr<int64_t>(),
                     static_cast<T*>(k_cache.mutable_data_ptr()), static_cast<T*>(v_cache.mutable_data_ptr()),
@@ -329,8 +337,12 @@ template <typename T, int D>
 cudaError_t launch_heads(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
                          at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& status, at::Tensor& counts,
                          const Args& a, at::Tensor& out) {
-  if (a.G <= 4) return launch<T, D, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
-  return launch<T, D, 8>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+  switch (a.G) {  // G D <= 32 (checked): 8 only for D <= 4
+    case 1: return launch<T, D, 1>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    case 2: return launch<T, D, 2>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    case 4: return launch<T, D, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    default: return launch<T, D, (D <= 4 ? 8 : 4)>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+  }
 }
 
 template <typename T>
@@ -341,7 +353,7 @@ cudaError_t launch_dims(const at::Tensor& qkv, const at::Tensor& cos, const at::
     case 1: return launch_heads<T, 1>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
     case 2: return launch_heads<T, 2>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
     case 4: return launch_heads<T, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
-    default: return launch<T, 8, 4>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
+    default: return launch_heads<T, 8>(qkv, cos, sin, pos, k_cache, v_cache, status, counts, a, out);
   }
 }
 
@@ -352,11 +364,14 @@ bool aligned(const void* p, size_t bytes) {
 }  // namespace
 
 // Whether the fused kernel takes this shape (else the op runs rope_kv_append, then
-// decode_attention): hd = 32 D for D in {1, 2, 4, 8}, G D <= 32, rows of D elements aligned.
+// decode_attention): hd = 32 D and G for D, G in {1, 2, 4, 8}, G D <= 32, rows of D elements aligned.
 bool rope_append_attention_cuda_takes(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       int64_t num_heads) {
   const int64_t hd = k_cache.size(3), KV = k_cache.size(1), G = num_heads / KV, D = hd / 32;
-  if (hd % 32 != 0 || !(D == 1 || D == 2 || D == 4 || D == 8) || G * D > 32) return false;
+  if (hd % 32 != 0 || !(D == 1 || D == 2 || D == 4 || D == 8) || !(G == 1 || G == 2 || G == 4 || G == 8) ||
+      G * D > 32) {
+    return false;
+  }
   const size_t row_bytes = static_cast<size_t>(D) * qkv.element_size();
   return qkv.stride(0) % D == 0 && aligned(qkv.const_data_ptr(), row_bytes) &&
          aligned(k_cache.const_data_ptr(), row_bytes) && aligned(v_cache.const_data_ptr(), row_bytes);

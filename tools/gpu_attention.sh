@@ -31,8 +31,27 @@ torch.cuda.synchronize()
 print("ok")
 PY
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 /tmp/raa_check.py 2>&1 | tail -4 || failed=1
+  PYTHONPATH=$PWD timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 /tmp/raa_check.py 2>&1 | tail -4 || failed=1
 done
+stage "the op alone: fused against the two ops and the reference (calls replayed from a graph)"
+timeout 120 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" || failed=1
+import torch, bench, optimus
+dev = torch.device("cuda")
+optimus.load_extension()
+with torch.cuda.stream(torch.cuda.Stream(dev)):
+    for case in bench.rope_attention_cases(dev, torch.bfloat16):
+        x = case.make()
+        times = {}
+        for name, prepare in case.impls.items():
+            try:
+                call = prepare(x)
+                times[name] = bench.graph_seconds_per_call(lambda i: call(), dev) * 1e6
+            except Exception as exc:
+                times[name] = float("nan")
+                print(name, type(exc).__name__, str(exc).splitlines()[0][:120])
+        print(case.op, case.shape, "  ".join(f"{k} {v:.2f} us" for k, v in times.items()),
+              f"  pair/ext {times['pair'] / times['ext']:.2f}x")
+PY
 stage "bench decode (graph, PDL on; no transformers)"
 timeout 120 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" | tee "$OUT/decode_bench.txt" || failed=1
 import torch, bench
