@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "pdl.h"
 
@@ -399,6 +400,8 @@ cudaError_t rope_append_attention_cuda(const at::Tensor& qkv, const at::Tensor& 
   const int want = std::max(1, (kBlocksPerSm * sms + B * a.KV - 1) / (B * a.KV));
   int len = std::max({kMinSplitLen, (a.S + want - 1) / want, (a.S + kMaxSplits - 1) / kMaxSplits});
   len = (len + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen;
+  static const int forced = [] { const char* v = std::getenv("OPTIMUS_ATTN_SPLIT_LEN"); return v ? std::atoi(v) : 0; }();
+  if (forced > 0) len = (forced + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen;  // TEMPORARY: measuring
   a.split_len = len;
   a.splits = (a.S + len - 1) / len;
   switch (qkv.scalar_type()) {
