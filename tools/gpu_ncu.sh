@@ -24,22 +24,9 @@ for batch in 1 16; do
   for k in rope_append decode_linear_kernel; do
     [ "$batch" = 16 ] && [ "$k" = decode_linear_kernel ] && continue
     echo "=== batch $batch: $k"
-    BATCH=$batch PYTHONPATH=$PWD timeout 150 ncu --kernel-name regex:$k --launch-skip 40 --launch-count ${COUNT:-4} \
+    BATCH=$batch PYTHONPATH=$PWD timeout 150 ncu --kernel-name regex:$k --launch-skip ${SKIP:-8} --launch-count ${COUNT:-4} \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
       --section MemoryWorkloadAnalysis python3 /tmp/steps.py > "$OUT/ncu_${batch}_$k.txt" 2>&1
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Block Limit|Grid Size|Block Size|L2 Hit|stall|Stall|spends|cycles being" "$OUT/ncu_${batch}_$k.txt" | cut -c1-230 | head -${LINES_PER:-60}
   done
-done
-echo "=== split length A/B (the op alone, calls replayed from a graph)"
-for len in 32 64 128 256; do
-OPTIMUS_ATTN_SPLIT_LEN=$len timeout 60 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn"
-import os, torch, bench, optimus
-dev = torch.device("cuda")
-optimus.load_extension()
-with torch.cuda.stream(torch.cuda.Stream(dev)):
-    for case in bench.rope_attention_cases(dev, torch.bfloat16):
-        x = case.make()
-        call = case.impls["ext"](x)
-        print("split_len", os.environ["OPTIMUS_ATTN_SPLIT_LEN"], case.shape, f"{bench.graph_seconds_per_call(lambda i: call(), dev) * 1e6:.2f} us")
-PY
 done
