@@ -69,7 +69,8 @@ template <typename T, int V, int NB, bool SWIGLU, int U>
 __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
     const T* __restrict__ x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
     const T* __restrict__ residual, T* __restrict__ out, int K, int n_out, int half, float eps) {
-  extern __shared__ float xs[];  // (nb, K): the rows of x the weights multiply
+  extern __shared__ float xs[];  // (nb, K): the rows of x the weights multiply; then (K,) the gain
+  float* gain = xs + static_cast<int64_t>(nb) * K;
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   constexpr int kRows = SWIGLU ? 2 : 1;  // weight rows per output column: gate and up, or one
@@ -94,6 +95,9 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
   // of a few microseconds otherwise waits for x, its norm, a barrier, then the weights in turn).
   int j = blockIdx.x * kWarps + warp;
   if (j < n_out) load(j, lane);
+  if (norm_w != nullptr) {  // a weight too: into shared memory before the wait (each thread reads back its own)
+    for (int k = threadIdx.x; k < K; k += kThreads) gain[k] = static_cast<float>(norm_w[k]);
+  }
   pdl_launch_dependents();
   pdl_wait();  // x and the residual are earlier kernels' output
 
@@ -120,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
     }
     for (int k = threadIdx.x; k < K; k += kThreads) {
       float v = static_cast<float>(row[k]);
-      if (norm_w != nullptr) v = round_to<T>(static_cast<float>(norm_w[k]) * round_to<T>(v * scale));
+      if (norm_w != nullptr) v = round_to<T>(gain[k] * round_to<T>(v * scale));
       xs[b * K + k] = v;
     }
   }
@@ -186,7 +190,7 @@ cudaError_t launch(const T* x, int64_t x_stride, int nb, const T* w, const T* no
     if (K / V > 32 * kUnroll) return launch<T, V, NB, false, kLongUnroll>(x, x_stride, nb, w, norm_w, residual, out, K, n_out, half, eps);
   }
   auto kernel = decode_linear_kernel<T, V, NB, SWIGLU, U>;
-  const size_t smem = static_cast<size_t>(nb) * K * sizeof(float);
+  const size_t smem = static_cast<size_t>(nb + (norm_w != nullptr ? 1 : 0)) * K * sizeof(float);
   if (smem > 48 * 1024) {  // above the default limit a kernel must ask for its dynamic shared memory
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
