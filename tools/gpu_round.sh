@@ -5,6 +5,8 @@
 #   tools/gpu_round.sh b   # training step (CUDA graph, bench train), serve
 #   tools/gpu_round.sh c   # issue 16's recipe, the decode step's kernels and decode_linear's micro-benchmark
 #   tools/gpu_round.sh d   # decode (tests, bench with transformers), serve, the training step at the seed's defaults
+#   tools/gpu_round.sh f   # the fused attention, the tensor-core decode_linear, the CLI's speed
+#   tools/gpu_round.sh g   # selective checkpointing, the training step's profile
 # Needs .carry/tiktoken_cache (copied from ../shared/data). Logs and results in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,14 @@ e)  # the last call of 2026-12-02: what changed after d's measurements
   TAIL=12 part serve 75 tools/gpu_serve.sh
   echo "=== $(date -u +%T) ($SECONDS s) train: the CUDA graph tests"
   timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_train.py -k "cuda" 2>&1 | tail -4
+  ;;
+f)  # 2026-12-02, second session: the fused attention, the tensor-core decode_linear, the CLI
+  part attention 200 tools/gpu_attention.sh
+  SKIP_BENCH=1 part decode-mma 170 tools/gpu_decode_mma.sh
+  NO_FREEZE_AB=1 part cli 110 tools/gpu_cli.sh
+  ;;
+g)  # 2026-12-02, second session: selective checkpointing and the training step's profile
+  part train 330 tools/gpu_train13.sh
   ;;
 d)
   part decode 200 tools/gpu_decode.sh
