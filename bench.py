@@ -389,9 +389,9 @@ def optimizer_row(trainer, side: str, device: torch.device) -> dict:
 
 # The parts of a training step in its kernel profile (train_step_profile). Library kernels go by
 # fragments of their names (first match wins). Inductor names its Triton kernels after the ops they
-# fuse (triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0): those go by these op words (first
-# match wins; a fused kernel counts for the first part it names) or else as "pointwise". Other
-# kernels are copies and memsets, ATen's pointwise and reduction kernels, or "other".
+# fuse (triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0): those go by these op words (a kernel
+# that fuses several parts counts for the first of FUSED_PARTS it shows), else as "pointwise".
+# Other kernels are copies and memsets, ATen's pointwise and reduction kernels, or "other".
 TRAIN_PARTS = [("attention", ("flash", "fmha", "sdpa", "attention")),
                ("loss", ("cross_entropy", "softmax", "nll_loss")),
                ("optimizer", ("adam", "lpnorm", "normtwo")),  # fused AdamW; the clip's norms (_foreach_norm, norm)
