@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import optimus
-from conftest import ROOT
+from conftest import DEVICES, ROOT
 
 
 def tiny_model(seed=0, **overrides):
@@ -135,14 +135,14 @@ def test_rotary_scores_depend_only_on_distance():
 CHECKPOINTING = [(False, "full"), (True, "full"), (True, "selective")]  # (checkpointing, checkpoint_policy)
 
 
-def loss_and_grads(checkpointing, policy, modes=()):
-    """The tiny model's loss and gradients on fixed tokens; each of `modes` (a TorchDispatchMode per
-    phase: forward, backward) sees that phase's ops."""
-    model = tiny_model(seed=3, checkpointing=checkpointing, checkpoint_policy=policy).train()
+def loss_and_grads(checkpointing, policy, modes=(), device="cpu"):
+    """The tiny model's loss and gradients on fixed tokens (on CUDA under the trainer's autocast);
+    each of `modes` (a TorchDispatchMode per phase: forward, backward) sees that phase's ops."""
+    model = tiny_model(seed=3, checkpointing=checkpointing, checkpoint_policy=policy).to(device).train()
     torch.manual_seed(4)
-    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33), device=device)
     forward, backward = (*modes, contextlib.nullcontext(), contextlib.nullcontext())[:2]
-    with forward:
+    with forward, optimus.resolve_runtime(device).autocast():
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     with backward:
@@ -160,22 +160,29 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(checkpointing, policy)
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7)
 
 
+def op_counts(names) -> collections.Counter:
+    """Each op name's count, plus "attention" for the forward ops of SDPA's backends (which one
+    runs depends on the device and dtype: flash, cuDNN, efficient, the CPU's)."""
+    counts = collections.Counter(names)
+    counts["attention"] = sum(n for name, n in counts.items() if name.startswith("_scaled_dot_product")
+                              and "backward" not in name)
+    return counts
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops that reach the dispatcher, by name ("mm", "rsqrt", ...)."""
 
     def __init__(self):
         super().__init__()
-        self.counts = collections.Counter()
+        self.names = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
+        self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
 
-ATTENTION_FORWARD = "_scaled_dot_product_flash_attention_for_cpu"  # SDPA's op on the CPU
-
-
-def test_selective_checkpointing_recomputes_only_the_pointwise_ops():
+@pytest.mark.parametrize("device", DEVICES)
+def test_selective_checkpointing_recomputes_only_the_pointwise_ops(device):
     """The backward's ops against the backward without checkpointing: full checkpointing runs a
     block's matmuls and its attention again (6 of its 7 matmuls: the recompute stops once it has
     what the backward needs, and the down projection's output only feeds the residual add),
@@ -184,12 +191,12 @@ def test_selective_checkpointing_recomputes_only_the_pointwise_ops():
     backward = {}
     for checkpointing, policy in CHECKPOINTING:
         counter = OpCounter()
-        loss_and_grads(checkpointing, policy, modes=(contextlib.nullcontext(), counter))
-        backward[policy if checkpointing else "off"] = counter.counts
+        loss_and_grads(checkpointing, policy, modes=(contextlib.nullcontext(), counter), device=device)
+        backward[policy if checkpointing else "off"] = op_counts(counter.names)
     depth = optimus.make_configs("tiny")[0].depth
     full, selective = backward["full"] - backward["off"], backward["selective"] - backward["off"]
-    assert full["mm"] == 6 * depth and full[ATTENTION_FORWARD] == depth  # the test can see a recompute
-    assert selective["mm"] == selective["bmm"] == selective["addmm"] == selective[ATTENTION_FORWARD] == 0
+    assert full["mm"] == 6 * depth and full["attention"] == depth  # the test can see a recompute
+    assert selective["mm"] == selective["bmm"] == selective["addmm"] == selective["attention"] == 0
     assert backward["selective"]["mm"] == backward["off"]["mm"] > 0
     # What it does recompute: both norms (rsqrt), rotary (its cat of halves) and SwiGLU's silu (sigmoid).
     assert selective["rsqrt"] == 2 * depth and selective["sigmoid"] == depth and selective["cat"] >= 2 * depth
@@ -253,8 +260,8 @@ def test_selective_checkpointing_compiles_and_its_backward_runs_no_matmul_again(
         graphs = []
 
         def keep_backward(gm, inputs):
-            graphs.append(collections.Counter(n.target.overloadpacket.__name__ for n in gm.graph.nodes
-                                              if n.op == "call_function" and hasattr(n.target, "overloadpacket")))
+            graphs.append(op_counts(n.target.overloadpacket.__name__ for n in gm.graph.nodes
+                                    if n.op == "call_function" and hasattr(n.target, "overloadpacket")))
             return make_boxed_func(gm.forward)
 
         backend = aot_autograd(fw_compiler=lambda gm, inputs: make_boxed_func(gm.forward), bw_compiler=keep_backward,
@@ -271,8 +278,8 @@ def test_selective_checkpointing_compiles_and_its_backward_runs_no_matmul_again(
             torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-5, atol=1e-6)
         backward[policy if checkpointing else "off"] = sum(graphs, collections.Counter())
     torch._dynamo.reset()
-    assert backward["full"]["mm"] > backward["off"]["mm"] and backward["full"][ATTENTION_FORWARD] > 0
-    assert backward["selective"]["mm"] == backward["off"]["mm"] and backward["selective"][ATTENTION_FORWARD] == 0
+    assert backward["full"]["mm"] > backward["off"]["mm"] and backward["full"]["attention"] > 0
+    assert backward["selective"]["mm"] == backward["off"]["mm"] and backward["selective"]["attention"] == 0
 
 
 def test_a_bad_checkpoint_policy_is_one_clear_error():

@@ -28,7 +28,7 @@ print(f'built in {time.time() - start:.0f} s; status {optimus.extension_status()
 " || failed=1
 
 echo "--- tests ($SECONDS s)"
-timeout 110 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests/test_train.py -k "cuda" 2>&1 \
+timeout 110 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests/test_model.py tests/test_train.py -k "cuda" 2>&1 \
   | grep -v "Warning\|warn(" | tail -n 30 | tee "$OUT/pytest.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 
