@@ -359,24 +359,27 @@ def random_token_dir(root: Path, tokens: int) -> Path:
 # (name, batch, checkpointing, side): side "optimus-<impl>" is the trainer with that impl,
 # "optimus-graph" the trainer with the whole step in a CUDA graph (cuda_graph true; auto's choice
 # at batch 8, so b8-ckpt compares auto with "optimus-eager", cuda_graph false),
-# "optimus-reduce-overhead" with torch.compile's graphs (cuda_graph reduce-overhead), "hf"
+# "optimus-reduce-overhead" with torch.compile's graphs (cuda_graph reduce-overhead),
+# "optimus-selective" auto with checkpoint_policy selective (only pointwise ops recomputed), "hf"
 # transformers' LlamaForCausalLM of the same config; case "opt" times the optimizer step and clip
 # alone (side "optimizer-<variant>", see optimizer_row). Run in this order (the most telling pairs
 # first, so that a run cut short still compares them); `--train_cases` picks a subset by name
 # (every side) or by name:side.
 TRAIN_CASES = [
     ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"), ("b8-ckpt", 8, True, "optimus-eager"),
+    ("b8-ckpt", 8, True, "optimus-selective"),
     ("opt", 8, True, "optimizer-fused"), ("opt", 8, True, "optimizer-foreach"),
     ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
     ("b8-ckpt", 8, True, "optimus-reduce-overhead"),
     ("b64", 64, False, "optimus-ref"), ("b8", 8, False, "optimus-auto"), ("b8", 8, False, "hf"),
-    ("b8", 8, False, "optimus-graph"), ("opt", 8, True, "optimizer-compiled"),
+    ("b8", 8, False, "optimus-graph"), ("b64", 64, False, "optimus-graph"), ("opt", 8, True, "optimizer-compiled"),
     ("b8-ckpt", 8, True, "optimus-ext"), ("finder", 512, True, "optimus-auto"), ("finder", 512, True, "hf"),
 ]
 # The trainer's config for each optimus side (any other field stays the product's default).
 SIDE_FIELDS = {"optimus-auto": dict(impl="auto"), "optimus-ext": dict(impl="ext"), "optimus-ref": dict(impl="ref"),
                "optimus-graph": dict(impl="auto", cuda_graph="true"), "optimus-eager": dict(impl="auto", cuda_graph="false"),
-               "optimus-reduce-overhead": dict(impl="auto", cuda_graph="reduce-overhead")}
+               "optimus-reduce-overhead": dict(impl="auto", cuda_graph="reduce-overhead"),
+               "optimus-selective": dict(impl="auto", checkpoint_policy="selective")}
 ADAMW_BYTES_PER_PARAM = 32  # float32: read weight, gradient, two moments, write weight and moments (28), the norm's read (4)
 
 
@@ -414,6 +417,61 @@ def optimizer_row(trainer, side: str, device: torch.device) -> dict:
         floor = ADAMW_BYTES_PER_PARAM * sum(p.numel() for p in params) / bandwidth
         row.update(floor_ms=floor * 1e3, vs_floor=seconds / floor)
     return row
+
+
+# The parts of a training step in its kernel profile (train_step_profile). Library kernels go by
+# fragments of their names (first match wins). Inductor names its Triton kernels after the ops they
+# fuse (triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0): those go by these op words (a kernel
+# that fuses several parts counts for the first of FUSED_PARTS it shows), else as "pointwise".
+# Other kernels are copies and memsets, ATen's pointwise and reduction kernels, or "other".
+TRAIN_PARTS = [("attention", ("flash", "fmha", "sdpa", "attention")),
+               ("loss", ("cross_entropy", "softmax", "nll_loss")),
+               ("optimizer", ("adam", "lpnorm", "normtwo")),  # fused AdamW; the clip's norms (_foreach_norm, norm)
+               ("gemm", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+               ("swiglu", ("swiglu",))]  # the extension's kernels (impl ext)
+FUSED_PARTS = [("swiglu", ("sigmoid", "silu")), ("norms", ("rsqrt", "mean")), ("rotary", ("cat", "neg"))]
+COPY_KERNELS = ("copy", "memcpy", "memset", "fill", "zero")  # casts, host-device copies, zeroed gradients
+ATEN_POINTWISE = ("elementwise_kernel", "reduce_kernel")
+PROFILE_PARTS = list(dict.fromkeys([p for p, _ in TRAIN_PARTS + FUSED_PARTS] + ["pointwise", "copies", "other"]))
+PROFILE_STEPS = 5
+
+
+def train_part(kernel: str) -> str:
+    """The part of a training step (one of PROFILE_PARTS) that the kernel of this name belongs to."""
+    name = kernel.lower()
+    part = next((p for p, keys in TRAIN_PARTS if any(k in name for k in keys)), None)
+    if part:
+        return part
+    if name.startswith("triton_"):
+        words = set(name.split("_"))
+        return next((p for p, keys in FUSED_PARTS if words.intersection(keys)), "pointwise")
+    if any(k in name for k in COPY_KERNELS):
+        return "copies"
+    return "pointwise" if any(k in name for k in ATEN_POINTWISE) else "other"
+
+
+def profile_parts(kernels: list[tuple[str, float, int]], steps: int) -> dict:
+    """Per step: kernel milliseconds by part (`<part>_ms`), their sum (`kernel_ms`) and the kernel
+    launches (`kernels`), from (name, device microseconds, launches) of each kernel over `steps` steps."""
+    parts = dict.fromkeys(PROFILE_PARTS, 0.0)
+    for name, us, _ in kernels:
+        parts[train_part(name)] += us / 1e3 / steps
+    return {f"{p}_ms": ms for p, ms in parts.items()} | {
+        "kernel_ms": sum(parts.values()), "kernels": sum(n for _, _, n in kernels) / steps}
+
+
+def train_step_profile(step: Callable[[int], object], device: torch.device, steps: int = PROFILE_STEPS) -> dict:
+    """profile_parts of `steps` calls of a warm training step, from torch.profiler's CUDA activity
+    (kernel durations: launch gaps are not in them). A step replayed from a CUDA graph shows each
+    kernel too: CUPTI reports the kernels a graph launches."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize(device)
+    return profile_parts([(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                          if e.self_device_time_total > 0], steps)
 
 
 class HFStep:
@@ -464,16 +522,26 @@ def have_transformers() -> bool:
         return False
 
 
-def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
+def profile_line(row: dict) -> str:
+    """A train row's profile in one line: kernel time and launches per step, then each part's ms."""
+    parts = ", ".join(f"{p} {row[f'{p}_ms']:.2f}" for p in PROFILE_PARTS if row[f"{p}_ms"] > 0)
+    return (f"{row['kernel_ms']:.2f} ms of kernels a step ({row['busy']:.0%} of its {row['step_ms']:.2f} ms) "
+            f"in {row['kernels']:.0f} launches: {parts}")
+
+
+def bench_train(device: torch.device, cases: list | None = None, profile: list | None = None) -> list[dict]:
     """The trainer's own optimizer step on the default model (T 512, bf16 autocast, compiled):
     tokens/s, MFU and peak memory, beside transformers' LlamaForCausalLM + torch.compile with the
     same loss and step (rows `hf`, when transformers is installed) and the ratio to it. `auto` is
     the product's choice (the fused loss, Inductor's SwiGLU), `ext` every extension kernel, `ref`
-    no kernel (the loss over the full float32 logits)."""
+    no kernel (the loss over the full float32 logits). The cases in `profile` (CUDA) add the
+    step's kernel time by part (train_step_profile) and `busy`, kernel time over step time."""
     import tempfile
     cuda = device.type == "cuda"
     if not cuda:  # the default model takes minutes per step on a CPU: measure `tiny`
         cases = [("tiny", 8, False, side) for side in ("optimus-ext", "optimus-ref", "hf", "optimizer-fused")]
+        if profile:
+            print("the train profile needs CUDA: none on this device", file=sys.stderr)
     cases = cases or TRAIN_CASES
     if not have_transformers():
         print("transformers is not installed: no hf rows", file=sys.stderr)
@@ -521,6 +589,9 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
             if peak:
                 row["mfu"] = optimus.flops_per_token(flops_model, train_cfg.max_length) * tokens / seconds / peak
                 row["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if cuda and (name, batch, checkpointing, side) in (profile or []):
+                row |= train_step_profile(step, device)
+                row["busy"] = row["kernel_ms"] / row["step_ms"]
             rows.append(row)
             hf = next((r for r in rows if r["case"] == name and r["side"] == "hf"), None)
             for r in rows:  # the ratio, once both sides of a case are in
@@ -529,6 +600,8 @@ def bench_train(device: torch.device, cases: list | None = None) -> list[dict]:
             print(f"train {name} {side} batch {batch} (micro {micro}): {row['step_ms']:.1f} ms, "
                   f"{row['tokens/s']:,.0f} tokens/s" + (f", {row['vs_hf']:.2f}x hf" if "vs_hf" in row else "")
                   + (f", mfu {row['mfu']:.1%}, peak {row['peak_mem_GiB']:.2f} GiB" if peak else ""), flush=True)
+            if "kernel_ms" in row:
+                print(f"  profile: {profile_line(row)}", flush=True)
             step = runner = trainer = batches = flops_model = None
     return rows
 
@@ -809,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated sections to run (default all: {', '.join(SECTIONS)})")
     parser.add_argument("--train_cases", help="comma-separated train cases to run, NAME (every side) or "
                         f"NAME:SIDE (default all: {', '.join(f'{c[0]}:{c[3]}' for c in TRAIN_CASES)})")
+    parser.add_argument("--train_profile", nargs="?", const="", metavar="CASES",
+                        help="CUDA: per-part kernel time of one step (torch.profiler) for these train cases, "
+                             "NAME or NAME:SIDE as in --train_cases; bare: every train case run")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -817,6 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = optimus.resolve_runtime(args.device).device
         train_cases = pick_train_cases(args.train_cases) if args.train_cases else None
+        profile = (pick_train_cases(args.train_profile) if args.train_profile
+                   else (train_cases or TRAIN_CASES) if args.train_profile == "" else [])
+        left_out = [f"{c[0]}:{c[3]}" for c in profile if c not in (train_cases or TRAIN_CASES)]
+        if left_out:
+            raise ValueError(f"--train_profile {', '.join(left_out)}: not among the --train_cases run; add it there")
     except (optimus.UserError, ValueError) as exc:
         parser.error(str(exc))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -824,8 +905,8 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     results = {}
     for name in names:
-        if name == "train" and train_cases:
-            rows = bench_train(device, train_cases)
+        if name == "train":
+            rows = bench_train(device, train_cases, profile)
         else:
             rows = SECTIONS[name](device)
         results[name] = rows

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 import data_prep
 from data_prep import atomic_write, remove_leftovers, temporary_path
@@ -100,6 +100,9 @@ class ModelConfig:
     num_heads: int = cfg_field(8, "query heads")
     num_kv_heads: int = cfg_field(2, "key/value heads (grouped-query attention)")
     checkpointing: bool = cfg_field(True, "recompute each block in backward to save activation memory")
+    checkpoint_policy: str = cfg_field("full", "what checkpointing recomputes: full (each whole block) | selective "
+                                               "(only the norms, rotary, SwiGLU and adds; the matmuls' and "
+                                               "attention's outputs are kept)")
     max_seq_len: int = cfg_field(512, "longest sequence: rotary table and KV cache length")
     rope_theta: float = cfg_field(10000.0, "rotary embedding base")
     norm_eps: float = cfg_field(1e-5, "RMSNorm epsilon")
@@ -118,6 +121,7 @@ class ModelConfig:
             "hidden_dim": (lambda v: 0 <= v <= MAX_INDEX, "0 (derived) or positive"),
             "multiple_of": (positive, "positive"), "vocab_multiple": (positive, "positive"),
             "impl": (lambda v: v in ("auto", "ext", "ref"), "auto, ext or ref"),
+            "checkpoint_policy": (lambda v: v in ("full", "selective"), "full or selective"),
         })
         if self.hidden_dim == 0:
             self.hidden_dim = -(-int(8 * self.dim / 3) // self.multiple_of) * self.multiple_of
@@ -961,6 +965,21 @@ def check_memory(cfg: ModelConfig, copies: int) -> None:
                         f"lower --dim, --depth, --hidden_dim, --vocab_size or --max_seq_len")
 
 
+# What checkpoint_policy "selective" keeps from a block's forward: the outputs of its matmuls (a
+# bias-free F.linear reaches the dispatcher as mm; addmm and bmm are the other GEMMs) and of
+# attention (each SDPA backend's forward op returns the output and its logsumexp together). Every
+# other op of the block (the norms, rotary, SwiGLU, the residual adds, dtype casts) is recomputed in
+# backward from the kept tensors: cheap pointwise passes, where "full" recomputes the block's GEMMs
+# and attention as well (tests/test_model.py counts the ops each backward runs).
+SELECTIVE_SAVED_OPS = [getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+) if hasattr(torch.ops.aten, name)]  # an older torch may lack a backend's op
+# torch.utils.checkpoint's context_fn for "selective": given a list of ops, MUST_SAVE for those and
+# PREFER_RECOMPUTE for the rest (torch.compile's partitioner follows the same tags).
+SELECTIVE_CHECKPOINT_CONTEXTS = functools.partial(create_selective_checkpoint_contexts, SELECTIVE_SAVED_OPS)
+
+
 class Transformer(nn.Module):
     """Llama-style decoder: embedding -> pre-norm blocks -> final RMSNorm -> LM head."""
 
@@ -1037,8 +1056,12 @@ class Transformer(nn.Module):
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
                 # No op in a block draws random numbers, so there is no RNG state to preserve (and
                 # reading the CUDA one is not allowed while the trainer captures a CUDA graph).
+                # "full" passes no context_fn: torch.compile (2.14) fails to trace checkpoint's default
+                # one passed explicitly.
+                selective = {"context_fn": SELECTIVE_CHECKPOINT_CONTEXTS} \
+                    if self.cfg.checkpoint_policy == "selective" else {}
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, impl, cache, pos, mask,
-                               use_reentrant=False, preserve_rng_state=False)
+                               use_reentrant=False, preserve_rng_state=False, **selective)
             else:
                 x = block(x, self.rope_cos, self.rope_sin, impl, cache, pos, mask)
         return self.norm(x)
@@ -1195,8 +1218,9 @@ def read_checkpoint(path: Path, device: str | torch.device) -> dict:
     return ckpt
 
 
-# Model fields a run from a checkpoint (--init_from) may change: they pick kernels and memory use, not the math.
-FREE_MODEL_FIELDS = ("impl", "checkpointing")
+# Model fields a run from a checkpoint (--init_from, --resume) may change: they pick kernels and
+# memory use, not the math. A checkpoint from before a field existed has that field's default.
+FREE_MODEL_FIELDS = ("impl", "checkpointing", "checkpoint_policy")
 
 
 def model_conflicts(saved: dict, wanted: dict) -> list[str]:
@@ -1731,8 +1755,8 @@ class Trainer:
                             f"by train has them all): start a new run without --resume")
         stored = ckpt["model_config"]
         current = dataclasses.asdict(self.model.cfg)
-        # impl only picks kernels: a run may resume with other ones.
-        differing = [k for k in {**stored, **current} if k != "impl" and stored.get(k, "?") != current.get(k, "?")]
+        differing = [k for k in {**stored, **current}
+                     if k not in FREE_MODEL_FIELDS and stored.get(k, "?") != current.get(k, "?")]
         if differing:
             was = ", ".join(f"{k} {stored.get(k, '(none)')}" for k in differing[:6])
             now = ", ".join(f"{k} {current.get(k, '(none)')}" for k in differing[:6])

@@ -141,6 +141,7 @@ def train_flags(w: Path) -> dict:
         "norm_eps": (["1e-6"], ["0", "-1e-5", "nan"], []),
         "tie_embeddings": (["true", "false", "0"], ["maybe"], []),
         "checkpointing": (["true", "false"], ["2"], []),
+        "checkpoint_policy": (["full", "selective"], ["some", "", "FULL"], []),
         "batch_size": (["1", "2", "4"], ["0", "-1", str(10**9)], []),
         "max_length": (["16", "32"], ["1", "0", "-3", "200"], []),
         "learning_rate": (["1e-3", "0.003"], ["-1", "0", "nan", "inf"], []),
@@ -368,7 +369,7 @@ def test_sample_seed_beyond_64_bits_is_one_line(world, tmp_path):
     ("min_lr_ratio", -0.5), ("min_lr_ratio", float("nan")), ("gradient_clip_val", float("nan")),
     ("num_heads", 0), ("multiple_of", 0), ("learning_rate", -1e-3), ("beta1", 1.0), ("beta2", -0.1),
     ("num_workers", -1), ("seed", -1), ("seed", 2**63), ("eval_batches", 0), ("max_seq_len", 1),
-    ("dim", "64"), ("checkpointing", 1), ("rope_theta", float("inf")), ("run_name", "../x"),
+    ("dim", "64"), ("checkpointing", 1), ("checkpoint_policy", "blocks"), ("rope_theta", float("inf")), ("run_name", "../x"),
     ("checkpoint_dir", "c" * 300), ("data_dir", ""),
 ])
 def test_each_bad_config_value_is_refused_with_its_name(field, value):

@@ -1,14 +1,19 @@
 """The model against an independent, plain float64 implementation of the same math."""
+import collections
+import contextlib
+import gc
 import math
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import optimus
-from conftest import ROOT
+from conftest import DEVICES, ROOT
 
 
 def tiny_model(seed=0, **overrides):
@@ -127,20 +132,162 @@ def test_rotary_scores_depend_only_on_distance():
     assert abs(score(5, 0) - score(1, 0)) > 1e-3
 
 
-def test_gradient_checkpointing_gives_same_loss_and_grads():
-    results = []
-    for flag in (False, True):
-        model = tiny_model(seed=3, checkpointing=flag).train()
-        torch.manual_seed(4)
-        tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
+CHECKPOINTING = [(False, "full"), (True, "full"), (True, "selective")]  # (checkpointing, checkpoint_policy)
+
+
+def loss_and_grads(checkpointing, policy, modes=(), device="cpu"):
+    """The tiny model's loss and gradients on fixed tokens (on CUDA under the trainer's autocast);
+    each of `modes` (a TorchDispatchMode per phase: forward, backward) sees that phase's ops."""
+    model = tiny_model(seed=3, checkpointing=checkpointing, checkpoint_policy=policy).to(device).train()
+    torch.manual_seed(4)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33), device=device)
+    forward, backward = (*modes, contextlib.nullcontext(), contextlib.nullcontext())[:2]
+    with forward, optimus.resolve_runtime(device).autocast():
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    with backward:
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing, policy", CHECKPOINTING[1:])
+def test_gradient_checkpointing_gives_same_loss_and_grads(checkpointing, policy):
+    loss_a, grads_a = loss_and_grads(False, "full")
+    loss_b, grads_b = loss_and_grads(checkpointing, policy)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7)
+
+
+def op_counts(names) -> collections.Counter:
+    """Each op name's count, plus "attention" for the forward ops of SDPA's backends (which one
+    runs depends on the device and dtype: flash, cuDNN, efficient, the CPU's)."""
+    counts = collections.Counter(names)
+    counts["attention"] = sum(n for name, n in counts.items() if name.startswith("_scaled_dot_product")
+                              and "backward" not in name)
+    return counts
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher, by name ("mm", "rsqrt", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selective_checkpointing_recomputes_only_the_pointwise_ops(device):
+    """The backward's ops against the backward without checkpointing: full checkpointing runs a
+    block's matmuls and its attention again (6 of its 7 matmuls: the recompute stops once it has
+    what the backward needs, and the down projection's output only feeds the residual add),
+    selective only norms, rotary, SwiGLU and adds (an op whose output it keeps is taken from the
+    forward, never run again)."""
+    backward = {}
+    for checkpointing, policy in CHECKPOINTING:
+        counter = OpCounter()
+        loss_and_grads(checkpointing, policy, modes=(contextlib.nullcontext(), counter), device=device)
+        backward[policy if checkpointing else "off"] = op_counts(counter.names)
+    depth = optimus.make_configs("tiny")[0].depth
+    full, selective = backward["full"] - backward["off"], backward["selective"] - backward["off"]
+    assert full["mm"] == 6 * depth and full["attention"] == depth  # the test can see a recompute
+    assert selective["mm"] == selective["bmm"] == selective["addmm"] == selective["attention"] == 0
+    assert backward["selective"]["mm"] == backward["off"]["mm"] > 0
+    # What it does recompute: both norms (rsqrt), rotary (its cat of halves) and SwiGLU's silu (sigmoid).
+    assert selective["rsqrt"] == 2 * depth and selective["sigmoid"] == depth and selective["cat"] >= 2 * depth
+    assert set(selective) <= POINTWISE_OPS, set(selective) - POINTWISE_OPS
+
+
+# Ops a block's recompute may run besides its norms, rotary and SwiGLU: views, casts, elementwise math.
+POINTWISE_OPS = {"add", "mul", "sub", "neg", "rsqrt", "pow", "mean", "sigmoid", "cat", "slice", "view",
+                 "_unsafe_view", "unsqueeze", "transpose", "t", "split", "detach", "_to_copy", "promote_types",
+                 "expand", "clone"}
+
+
+class KeptBytes(TorchDispatchMode):
+    """Weak references to the storage of every tensor an op returns: after the forward, the bytes
+    still alive are what autograd and checkpointing keep for the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.storages.append((weakref.ref(t.untyped_storage()), t.untyped_storage().nbytes()))
+        return out
+
+    def alive(self, exclude) -> int:
+        gc.collect()
+        alive = {id(s): n for s, n in ((ref(), n) for ref, n in self.storages) if s is not None}
+        return sum(n for key, n in alive.items() if key not in exclude)
+
+
+def test_selective_checkpointing_keeps_less_than_no_checkpointing():
+    kept = {}
+    for checkpointing, policy in CHECKPOINTING:
+        model = tiny_model(seed=3, checkpointing=checkpointing, checkpoint_policy=policy).train()
+        tokens = torch.randint(0, model.cfg.vocab_size, (4, 65))
+        weights = {id(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+        census = KeptBytes()
+        with census:  # the blocks' activations: the hidden states, not the loss over 50,257 logits
+            loss = model.hidden(tokens).square().mean()
+        kept[policy if checkpointing else "off"] = census.alive(weights)
+        loss.backward()  # the graph was complete: the kept tensors were the ones it needed
+    # Here selective keeps about half of what no checkpointing does (the matmul and attention
+    # outputs, where autograd alone also keeps the norms', rotary's and SwiGLU's inputs and casts).
+    assert kept["full"] < kept["selective"] < 0.6 * kept["off"], kept
+
+
+def test_selective_checkpointing_compiles_and_its_backward_runs_no_matmul_again():
+    """Under torch.compile the partitioner decides what the backward recomputes, from the policy's
+    tags. Inductor's own partitioner (min-cut) over AOT autograd's graphs, left uncompiled (Inductor's
+    code generation adds nothing to what is saved): the same loss and gradients as eager without
+    checkpointing, and a backward graph with no more matmuls than that one's and no attention forward."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    eager_loss, eager_grads = loss_and_grads(False, "full")
+    backward = {}
+    for checkpointing, policy in CHECKPOINTING:
+        graphs = []
+
+        def keep_backward(gm, inputs):
+            graphs.append(op_counts(n.target.overloadpacket.__name__ for n in gm.graph.nodes
+                                    if n.op == "call_function" and hasattr(n.target, "overloadpacket")))
+            return make_boxed_func(gm.forward)
+
+        backend = aot_autograd(fw_compiler=lambda gm, inputs: make_boxed_func(gm.forward), bw_compiler=keep_backward,
+                               partition_fn=min_cut_rematerialization_partition)
+        torch._dynamo.reset()
+        model = tiny_model(seed=3, checkpointing=checkpointing, checkpoint_policy=policy).train()
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        torch.manual_seed(4)
+        tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
+        loss = F.cross_entropy(compiled(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-6, atol=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-5, atol=1e-6)
+        backward[policy if checkpointing else "off"] = sum(graphs, collections.Counter())
+    torch._dynamo.reset()
+    assert backward["full"]["mm"] > backward["off"]["mm"] and backward["full"]["attention"] > 0
+    assert backward["selective"]["mm"] == backward["off"]["mm"] and backward["selective"]["attention"] == 0
+
+
+def test_a_bad_checkpoint_policy_is_one_clear_error():
+    with pytest.raises(optimus.UserError, match="checkpoint_policy must be full or selective, got 'some'"):
+        optimus.make_configs("tiny", checkpoint_policy="some")
+    result = run_cli("train", "--checkpoint_policy", "blocks")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: invalid model config: checkpoint_policy must be full or selective, got 'blocks'")
 
 
 def run_cli(*args):

@@ -101,9 +101,9 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tmp_path, data_dir):
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(key)] == logged, key
 
 
-@pytest.mark.parametrize("impl", ["ref", "ext"])
-def test_resume_continues_bit_for_bit(tmp_path, data_dir, impl):
-    common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3, impl=impl)
+@pytest.mark.parametrize("impl, policy", [("ref", "full"), ("ext", "full"), ("ref", "selective")])
+def test_resume_continues_bit_for_bit(tmp_path, data_dir, impl, policy):
+    common = dict(max_steps=12, checkpoint_interval=100, learning_rate=1e-3, impl=impl, checkpoint_policy=policy)
     optimus.train(*configs(tmp_path / "a", data_dir, **common))
     straight = torch.load(tmp_path / "a" / "ckpt" / "latest.pt", weights_only=True)
 
@@ -122,6 +122,25 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir, impl):
     curve_a = [r["train_loss"] for r in metrics(tmp_path / "a") if "train_loss" in r]
     curve_b = [r["train_loss"] for r in metrics(tmp_path / "b") if "train_loss" in r]
     assert curve_a == curve_b
+
+
+def test_a_checkpoint_from_before_checkpoint_policy_resumes_with_either_policy(tmp_path, data_dir):
+    """Checkpoints written before the field existed have no checkpoint_policy: they load, resume
+    and start new runs (as "full", the old behaviour), and a run may resume with another policy
+    (it picks what the backward recomputes, not the math)."""
+    common = dict(max_steps=6, checkpoint_interval=3, eval_interval=3)
+    optimus.train(*configs(tmp_path, data_dir, max_steps=3, checkpoint_interval=3))
+    path = tmp_path / "ckpt" / "latest.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_config"]["checkpoint_policy"]
+    torch.save(ckpt, path)
+    model, _ = optimus.load_checkpoint(path)
+    assert model.cfg.checkpoint_policy == "full"
+    assert optimus.train(*configs(tmp_path, data_dir, resume=True, checkpoint_policy="selective", **common))["step"] == 6
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["model_config"]["checkpoint_policy"] == "selective"
+    model_cfg, _ = configs(tmp_path / "new", data_dir, init_from=str(path), checkpoint_policy="full", checkpointing=False)
+    assert model_cfg.checkpoint_policy == "full" and not model_cfg.checkpointing
 
 
 def test_fused_loss_training_follows_the_reference_path(tmp_path, data_dir):
@@ -401,6 +420,23 @@ def test_cuda_graph_training_follows_the_eager_path(tmp_path, data_dir):
     ckpt = torch.load(tmp_path / "true" / "ckpt" / "latest.pt", weights_only=True)
     assert all(type(g["lr"]) is float and not g["capturable"] for g in ckpt["optimizer"]["param_groups"])
     assert float(ckpt["optimizer"]["state"][0]["step"]) == 10
+
+
+@requires_cuda
+def test_cuda_selective_checkpointing_follows_full_checkpointing(tmp_path, data_dir):
+    """checkpoint_policy selective, eager and compiled, each with the whole step in a CUDA graph,
+    against eager full checkpointing without a graph: same seed, 10 steps, losses within bf16 noise."""
+    curves = {}
+    for name, fields in (("eager-full", dict(checkpoint_policy="full", cuda_graph="false")),
+                         ("graph-selective", dict(checkpoint_policy="selective", cuda_graph="true")),
+                         ("compiled-graph-selective", dict(checkpoint_policy="selective", cuda_graph="true",
+                                                           compile="true"))):
+        optimus.train(*graph_configs(tmp_path / name, data_dir, max_steps=10, **fields))
+        curves[name] = [r["train_loss"] for r in metrics(tmp_path / name) if "train_loss" in r]
+    assert all(len(curve) == 10 for curve in curves.values())
+    for name in ("graph-selective", "compiled-graph-selective"):
+        for step, (a, b) in enumerate(zip(curves["eager-full"], curves[name])):
+            assert abs(a - b) < 2e-2 * a, (name, step, a, b)
 
 
 @requires_cuda
