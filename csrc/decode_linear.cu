@@ -300,29 +300,24 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_linear_mma_kernel(
   pdl_wait();  // x, the gain and the residual are
 
   // Prologue: x rows -> shared memory as T (rows nb..16 MT - 1 zero), then each warp normalises
-  // whole rows in place (float32 statistics, rounded to T, times the gain, rounded to T).
+  // whole rows in place (float32 statistics, rounded to T, times the gain, rounded to T). The
+  // copy is cp.async (global -> shared without registers, which hold the weight chunks): every
+  // pack of the block's x is in flight at once (up to 90 KB at 32 rows of K = 2816), so the
+  // prologue costs one L2 round trip, not one per few packs.
   {
     using XPack = Pack<T, 8>;
     const int packs = K / 8, total = nb * packs;
-    constexpr int kInFlight = 4;
-    for (int i0 = threadIdx.x; i0 < total; i0 += kMmaThreads * kInFlight) {
-      XPack v[kInFlight];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int i = i0 + u * kMmaThreads, b = i / packs, p = i % packs;
-        if (i < total) v[u] = *reinterpret_cast<const XPack*>(x + b * x_stride + p * 8);
-      }
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int i = i0 + u * kMmaThreads, b = i / packs, p = i % packs;
-        if (i < total) *reinterpret_cast<XPack*>(xs + static_cast<size_t>(b) * ldx + p * 8) = v[u];
-      }
+    for (int i = threadIdx.x; i < total; i += kMmaThreads) {
+      const int b = i / packs, p = i % packs;
+      const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(xs + static_cast<size_t>(b) * ldx + p * 8));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(x + b * x_stride + p * 8) : "memory");
     }
     const int zero_packs = (16 * MT - nb) * ldx / 8;
     for (int i = threadIdx.x; i < zero_packs; i += kMmaThreads)
       reinterpret_cast<uint4*>(xs + static_cast<size_t>(nb) * ldx)[i] = make_uint4(0, 0, 0, 0);
+    asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's copies have landed
     if (norm_w != nullptr) {
-      __syncthreads();
+      __syncthreads();  // and everyone's
       for (int b = warp; b < nb; b += kMmaWarps) {
         XPack* row = reinterpret_cast<XPack*>(xs + static_cast<size_t>(b) * ldx);
         float squares = 0.0f;
