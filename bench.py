@@ -794,9 +794,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = optimus.resolve_runtime(args.device).device
         train_cases = pick_train_cases(args.train_cases) if args.train_cases else None
-        decode_batches = tuple(int(b) for b in args.decode_batches.split(",")) if args.decode_batches else None
-        if decode_batches and min(decode_batches) < 1:
-            raise ValueError(f"--decode_batches {args.decode_batches}: batch sizes must be positive")
+        decode_batches = None
+        if args.decode_batches:
+            fields = args.decode_batches.split(",")
+            if not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+                raise ValueError(f"--decode_batches {args.decode_batches}: give positive integers, e.g. 1,16")
+            decode_batches = tuple(int(f) for f in fields)
     except (optimus.UserError, ValueError) as exc:
         parser.error(str(exc))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
