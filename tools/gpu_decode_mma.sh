@@ -29,7 +29,7 @@ timeout 75 python3 bench.py --device cuda --only decode --decode_batches 16 --js
 left=$((232 - SECONDS))
 if [ "$left" -gt 25 ] && command -v compute-sanitizer >/dev/null; then
 stage "compute-sanitizer memcheck (${left} s at most)"
-timeout "$left" compute-sanitizer --tool memcheck --print-limit 5 python3 - <<'PY' 2>&1 | tail -8
+cat > "$OUT/memcheck.py" <<'PY'
 import torch, optimus
 optimus.load_extension()
 torch.manual_seed(0)
@@ -43,6 +43,8 @@ for B, K, N, swiglu in [(2, 1024, 1540, False), (17, 2816, 1032, False), (32, 10
     print(f"memcheck case B={B} K={K} N={N} swiglu={swiglu}: relative error {err:.2e}")
 torch.cuda.synchronize()
 PY
+PYTHONPATH="$PWD" timeout "$left" compute-sanitizer --tool memcheck --print-limit 5 python3 "$OUT/memcheck.py" 2>&1 \
+    | tee "$OUT/memcheck.txt" | tail -8
 fi
 stage "summary"
 grep -E "passed|failed|error" "$OUT/decode_linear_tests.txt" | tail -3
