@@ -671,23 +671,29 @@ def hf_decode_seconds(model, prompts: torch.Tensor, new_tokens: int, device: tor
     return seconds
 
 
-def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) -> list[dict]:
+def bench_decode(device: torch.device, hf: bool = True, profile: bool = True,
+                 batches: tuple[int, ...] | None = None) -> list[dict]:
     """Generation: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt, random
-    weights (bf16 on CUDA), at batch 1 and 16; tokens/s (all rows together), ms per step, the
-    fraction of the bandwidth floor (weights read once per step at the copy bandwidth measured
-    here), per-part kernel time of one step; transformers' static-cache generate (rows `hf`)."""
+    weights (bf16 on CUDA), at batch 1 and 16 (or `batches`); tokens/s (all rows together), ms per
+    step, the fraction of the bandwidth floor (weights read once per step at the copy bandwidth
+    measured here), per-part kernel time of one step; transformers' static-cache generate (rows
+    `hf`). Column `decode_linear`: whether the step is Block.decode_row (decode_linear launches)
+    rather than cuBLAS GEMMs with separate norms, SwiGLU and adds."""
     cuda = device.type == "cuda"
-    preset, new_tokens, batches = ("base", 256, (1, 16)) if cuda else ("tiny", 64, (1,))
-    # (impl, CUDA graph, decode_linear for one-row steps): the third case is the same step with
-    # cuBLAS projections and separate norms, the alternative decode_linear replaces.
-    cases = [("ext", True, True), ("ext", True, False), ("ref", True, True)] if cuda else \
-        [("ext", False, True), ("ref", False, True)]
+    preset, new_tokens, default_batches = ("base", 256, (1, 16)) if cuda else ("tiny", 64, (1,))
+    # (impl, CUDA graph, Decoder's fused_linear): the default (None: decode_row up to
+    # DECODE_LINEAR_MAX_ROWS rows), then the same step on the other path (False: cuBLAS and
+    # separate norms; True: decode_row forced), then (batch 1) the reference kernels.
+    def cases(batch: int) -> list[tuple[str, bool, bool | None]]:
+        other = batch > optimus.DECODE_LINEAR_MAX_ROWS
+        if not cuda:
+            return [("ext", False, None), ("ref", False, None)]
+        return [("ext", True, None), ("ext", True, other)] + ([("ref", True, None)] if batch == 1 else [])
+
     _, bandwidth = copy_bandwidth(device)
     rows = []
-    for batch in batches:
-        for impl, graph, fused_linear in cases:
-            if (impl == "ref" or not fused_linear) and batch > 1:  # one-row steps only differ
-                continue
+    for batch in batches or default_batches:
+        for impl, graph, fused_linear in cases(batch):
             model_cfg, _ = optimus.make_configs(preset, impl=impl)
             torch.manual_seed(0)
             model = optimus.Transformer(model_cfg).to(device).eval()
@@ -706,7 +712,8 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) ->
                 token.cpu()  # the last token on the host: the whole answer is done
 
             seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
-            row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "decode_linear": fused_linear and batch == 1,
+            fused = batch <= optimus.DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
+            row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "decode_linear": impl == "ext" and fused,
                    "batch": batch, "new_tokens": new_tokens,
                    "tokens/s": batch * new_tokens / seconds, "ms/token": seconds / new_tokens * 1e3,
                    "floor_fraction": (seconds / new_tokens) ** -1 * weight_bytes / bandwidth}
@@ -714,7 +721,7 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True) ->
                 row |= step_profile(optimus.Decoder(model, batch, use_graph=False, fused_linear=fused_linear),
                                     model, batch, device)
             rows.append(row)
-            if hf and cuda and impl == "ext" and fused_linear:
+            if hf and cuda and impl == "ext" and fused_linear is None:
                 try:
                     hf_seconds = hf_decode_seconds(model, prompts.to(device), new_tokens, device)
                 except Exception as exc:  # transformers' API moves: report it, keep our rows
@@ -885,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_profile", nargs="?", const="", metavar="CASES",
                         help="CUDA: per-part kernel time of one step (torch.profiler) for these train cases, "
                              "NAME or NAME:SIDE as in --train_cases; bare: every train case run")
+    parser.add_argument("--decode_batches", help="comma-separated batch sizes of the decode section "
+                        "(default 1,16 on CUDA, 1 on a CPU)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
@@ -898,6 +907,12 @@ def main(argv: list[str] | None = None) -> int:
         left_out = [f"{c[0]}:{c[3]}" for c in profile if c not in (train_cases or TRAIN_CASES)]
         if left_out:
             raise ValueError(f"--train_profile {', '.join(left_out)}: not among the --train_cases run; add it there")
+        decode_batches = None
+        if args.decode_batches:
+            fields = args.decode_batches.split(",")
+            if not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+                raise ValueError(f"--decode_batches {args.decode_batches}: give positive integers, e.g. 1,16")
+            decode_batches = tuple(int(f) for f in fields)
     except (optimus.UserError, ValueError) as exc:
         parser.error(str(exc))
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -907,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name == "train":
             rows = bench_train(device, train_cases, profile)
+        elif name == "decode" and decode_batches:
+            rows = bench_decode(device, batches=decode_batches)
         else:
             rows = SECTIONS[name](device)
         results[name] = rows

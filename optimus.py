@@ -790,9 +790,12 @@ def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch
 # blocks (prefill) use SDPA over the cache with a mask. The CUDA kernel keeps that many queries in
 # shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
 DECODE_ATTENTION_MAX_QUERIES = 64
-# Rows (batch x new tokens) up to which a decoding step's projections go through decode_linear:
-# on the H200 one row was faster than cuBLAS's GEMV plus the separate norm and add kernels, four
-# rows slower (its x rows share the weight reads but not the multiplies; tools/bench_decode_linear.py).
+# Rows (batch x new tokens) up to which a decoding step's projections go through decode_linear by
+# default (Transformer.step_logits, fused_linear=None): on the H200 one row was faster than
+# cuBLAS's GEMV plus the separate norm and add kernels, four rows slower with the CUDA-core kernel
+# (its x rows share the weight reads but not the multiplies; tools/bench_decode_linear.py). 2..32
+# rows of bf16 / fp16 now take a tensor-core kernel, not yet measured: this stays 1 until the
+# H200's numbers (tools/gpu_decode_mma.sh) say where it wins.
 DECODE_LINEAR_MAX_ROWS = 1
 
 def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5, swiglu: bool = False,
@@ -1077,14 +1080,15 @@ class Transformer(nn.Module):
             a.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
             m.wgu = torch.cat([m.gate.weight, m.up.weight])
 
-    def step_logits(self, tokens: torch.Tensor, pos: torch.Tensor, caches, fused_linear: bool = True) -> torch.Tensor:
+    def step_logits(self, tokens: torch.Tensor, pos: torch.Tensor, caches,
+                    fused_linear: bool | None = None) -> torch.Tensor:
         """Next-token logits (B, vocab_size) for one new token per row, tokens and pos (B, 1), through
-        the caches (after prepare_for_inference). Up to DECODE_LINEAR_MAX_ROWS rows on the
-        extension (`fused_linear`), each block is Block.decode_row and the final norm folds into
-        the LM head's decode_linear; otherwise hidden() and logits()."""
+        the caches (after prepare_for_inference). On the extension, with `fused_linear` True (any
+        batch) or None (up to DECODE_LINEAR_MAX_ROWS rows), each block is Block.decode_row and the
+        final norm folds into the LM head's decode_linear; otherwise (or False) hidden() and logits()."""
         impl = self.kernels(tokens.device, training=False)
-        if not (fused_linear and impl == "ext" and tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS
-                and tokens.shape[1] == 1 and self.blocks[0].attn.wqkv is not None):
+        fused = tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
+        if not (fused and impl == "ext" and tokens.shape[1] == 1 and self.blocks[0].attn.wqkv is not None):
             return self.logits(self.hidden(tokens, pos, caches)[:, -1])
         x = self.tok_emb(tokens[:, 0])                                         # (B, dim)
         for block, cache in zip(self.blocks, caches):
@@ -2370,12 +2374,14 @@ class Decoder:
     gate-up GEMM, swiglu, down per block; at batch 1 five launches a block, Block.decode_row). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
     step costs one launch instead of one per kernel; its inputs and output live in static buffers.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
-    first step then takes tens of seconds; H200 numbers in the README).
+    first step then takes tens of seconds; H200 numbers in the README). `fused_linear` is
+    Transformer.step_logits' choice of Block.decode_row: None (up to DECODE_LINEAR_MAX_ROWS rows),
+    True (any batch, on the extension) or False (never).
     """
 
     @torch.no_grad()
     def __init__(self, model: Transformer, batch: int, use_graph: bool | None = None, compile: bool = False,
-                 fused_linear: bool = True):
+                 fused_linear: bool | None = None):
         self.model, self.batch, self.fused_linear = model, batch, fused_linear
         device = model.tok_emb.weight.device
         model.prepare_for_inference()

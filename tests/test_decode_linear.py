@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optimus
-from conftest import DEVICES, DTYPES
+from conftest import DEVICES, DTYPES, requires_cuda
 
 # Summation order differs from F.linear's: float32 to ~1e-5 relative; a 16-bit output may land
 # one rounding step (an ulp: 2^-8 / 2^-11 relative) away, so those compare at about an ulp.
@@ -48,6 +48,50 @@ def test_matches_reference(device, dtype, B, K, N, norm, residual, swiglu):
     torch.testing.assert_close(out, optimus.decode_linear_ref(x, w, nw, res, 1e-5, swiglu), **TOL[dtype])
 
 
+# CUDA, 16-bit, several rows: the tensor-core kernel for K a multiple of 32 (N with a partial last
+# tile of 8 features), the CUDA-core one for K = 1000; 40 rows are two launches (32 + 8).
+MMA_SHAPES = [(1024, 1540), (2816, 1032), (1000, 520)]
+
+
+@pytest.fixture
+def full_precision_reference(monkeypatch):
+    """cuBLAS may reduce split-K partial sums of 16-bit GEMMs in 16 bits (PyTorch allows it by
+    default); the reference's F.linear then rounds more than once. Off here, it rounds once, as
+    the op does, so the two differ by summation order alone."""
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "allow_bf16_reduced_precision_reduction", False)
+    monkeypatch.setattr(matmul, "allow_fp16_reduced_precision_reduction", False)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [2, 3, 8, 16, 17, 32, 40])
+@pytest.mark.parametrize("K,N", MMA_SHAPES)
+@pytest.mark.parametrize("norm,residual,swiglu", [(False, False, False), (True, False, False), (False, True, False),
+                                                  (True, False, True), (True, True, True)])
+def test_cuda_several_rows_match_reference(dtype, B, K, N, norm, residual, swiglu, full_precision_reference):
+    x, w, nw, res = inputs(B, K, N, dtype, "cuda", norm, residual, swiglu)
+    out = torch.ops.optimus.decode_linear(x, w, nw, res, 1e-5, swiglu)
+    assert out.shape == (B, N // 2 if swiglu else N)
+    torch.testing.assert_close(out, optimus.decode_linear_ref(x, w, nw, res, 1e-5, swiglu), **TOL[dtype])
+    # The split over warps reduces in a fixed order: a second call gives the same bits.
+    assert torch.equal(out, torch.ops.optimus.decode_linear(x, w, nw, res, 1e-5, swiglu))
+
+
+@requires_cuda
+@pytest.mark.parametrize("offset", [0, 8, 1])
+def test_cuda_strided_and_misaligned_rows(offset, full_precision_reference):
+    """x as a view into wider rows: 16-byte aligned (offset 0, 8 elements) takes the tensor-core
+    kernel, an odd offset (rows not 16-byte aligned) the CUDA-core one; both compute the op."""
+    B, K, N = 16, 1024, 1536
+    wide = torch.randn(B, K + 64, device="cuda").to(torch.bfloat16)
+    x = wide[:, offset: offset + K]                            # (B, K), row stride K + 64
+    w = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda")).to(torch.bfloat16)
+    out = torch.ops.optimus.decode_linear(x, w, nw, None, 1e-5, False)
+    torch.testing.assert_close(out, optimus.decode_linear_ref(x, w, nw, None, 1e-5, False), **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_rows_and_the_models_modules(device):
     """A view of the last position of (B, T, K) hidden states goes in without a copy, and the op
@@ -83,27 +127,66 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_one_row_decoding_through_decode_linear_equals_full_forward_passes(device, monkeypatch):
-    """Batch 1 on the extension takes Transformer.step_logits' decode_linear path (six launches a
-    block); its greedy tokens are those of full forward passes, and its logits those of the
-    unfused cached path."""
+@pytest.mark.parametrize("batch,fused_linear", [(1, None), (16, True), (16, None)])
+def test_decoding_through_decode_linear_equals_full_forward_passes(device, batch, fused_linear, monkeypatch):
+    """Transformer.step_logits takes the decode_linear path (Block.decode_row, four launches of it a
+    block) at batch 1 by default and at batch 16 when forced (`fused_linear=True`), and the
+    library path at batch 16 by default (while DECODE_LINEAR_MAX_ROWS is below 16); either way its
+    greedy tokens are those of full forward passes, and its logits those of the unfused path."""
     torch.manual_seed(11)
     model_cfg, _ = optimus.make_configs("tiny", impl="ext")
     model = optimus.Transformer(model_cfg).to(device).eval()
     calls = []
     real = optimus.decode_linear
     monkeypatch.setattr(optimus, "decode_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prompt = torch.randint(0, 50257, (7,)).tolist()
-    decoder = optimus.Decoder(model, 1, use_graph=False)
-    fast = [int(t) for t in optimus.generate(model, [prompt], 20, temperature=0, eot_id=None, decoder=decoder)]
-    assert len(calls) == 19 * (4 * model_cfg.depth + 1)  # 19 steps after the prefill: 4 per block + the head
+    prompts = [torch.randint(0, 50257, (3 + i % 7,)).tolist() for i in range(batch)]
+    decoder = optimus.Decoder(model, batch, use_graph=False, fused_linear=fused_linear)
+    fast = torch.stack(list(optimus.generate(model, prompts, 20, temperature=0, eot_id=None, decoder=decoder)),
+                       1).tolist()                                                        # (batch, 20)
+    fused = fused_linear or (fused_linear is None and batch <= optimus.DECODE_LINEAR_MAX_ROWS)
+    # 19 steps after the prefill: 4 per block + the head
+    assert len(calls) == (19 * (4 * model_cfg.depth + 1) if fused else 0)
     with torch.no_grad():
-        for i, token in enumerate(fast):
-            assert token == int(model(torch.tensor([prompt + fast[:i]], device=device))[0, -1].argmax()), i
-        tokens, pos = torch.tensor([[fast[0]]], device=device), torch.tensor([[len(prompt)]], device=device)
-        unfused = optimus.Decoder(model, 1, use_graph=False, fused_linear=False)
+        for prompt, row in zip(prompts, fast):
+            for i, token in enumerate(row):
+                assert token == int(model(torch.tensor([prompt + row[:i]], device=device))[0, -1].argmax()), i
+        tokens = torch.tensor([[row[0]] for row in fast], device=device)                  # (batch, 1)
+        pos = torch.tensor([[len(p)] for p in prompts], device=device)                    # (batch, 1)
+        padded = torch.tensor([p + [0] * (9 - len(p)) for p in prompts], device=device)   # (batch, 9)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        unfused = optimus.Decoder(model, batch, use_graph=False, fused_linear=False)
         for d in (decoder, unfused):
-            d.prefill(torch.tensor([prompt], device=device), torch.tensor([len(prompt)], device=device))
-        torch.testing.assert_close(model.step_logits(tokens, pos, decoder.caches),
+            d.prefill(padded, lengths)
+        torch.testing.assert_close(model.step_logits(tokens, pos, decoder.caches, fused_linear),
                                    model.step_logits(tokens, pos, unfused.caches, fused_linear=False),
                                    rtol=1e-4, atol=1e-4)
+
+
+BF16_TIE = 0.05  # logits this close in a bf16 full pass may order either way on the fast path
+
+
+@requires_cuda
+def test_cuda_bf16_batch16_decode_row_greedy_equals_full_forward_passes():
+    """The default model in bf16 at batch 16 through the forced decode_row path (CUDA graph,
+    decode_linear's tensor-core kernel, programmatic dependent launch): each row's first 32 greedy
+    tokens are the argmax of a full forward pass over the same prefix. The paths round bf16
+    differently, so where the full pass's best logit beats the fast path's token by at most
+    BF16_TIE either is right; three steps in four must agree exactly."""
+    torch.manual_seed(0)
+    model_cfg, _ = optimus.make_configs("base")
+    model = optimus.Transformer(model_cfg).cuda().to(torch.bfloat16).eval()
+    prompts = torch.randint(0, 50257, (16, 16))
+    decoder = optimus.Decoder(model, 16, fused_linear=True)
+    assert decoder.graph is not None
+    fast = torch.stack(list(optimus.generate(model, prompts.tolist(), 32, temperature=0, eot_id=None,
+                                             decoder=decoder)), 1).cpu()                 # (16, 32)
+    equal = 0
+    with torch.no_grad():
+        for i in range(32):  # every row's prefix has the same length: one batched full pass a step
+            logits = model(torch.cat([prompts, fast[:, :i]], 1).cuda())[:, -1].float()  # (16, V)
+            best = logits.argmax(-1)
+            token = fast[:, i].cuda()
+            equal += int((best == token).sum())
+            gap = logits.gather(1, best[:, None]) - logits.gather(1, token[:, None])
+            assert bool((gap <= BF16_TIE).all()), (i, best.tolist(), token.tolist())
+    assert equal >= 16 * 32 * 3 // 4, f"only {equal} of {16 * 32} tokens agree exactly"
