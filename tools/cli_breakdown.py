@@ -1,7 +1,7 @@
 """Where `optimus.py sample`'s time goes, answer by answer, against the bench's measure at the same prompt.
 
-Loads a checkpoint the way cmd_sample does (load_checkpoint, ready_to_generate, Decoder(model, 1),
-warm_up on CUDA), with the CLI's default sampling settings, a prompt of PROMPT_TOKENS tokens
+Loads a checkpoint the way cmd_sample does (load_checkpoint, ready_to_generate, answer_decoder:
+the warm-up and the frozen garbage collector on CUDA), with the CLI's default sampling settings, a prompt of PROMPT_TOKENS tokens
 (" word" repeated, --raw), the text written to /dev/null as the CLI's goes to a pipe. Then:
 
 1. the process's first answer under torch.profiler (CPU and CUDA activity): its longest host calls
@@ -10,6 +10,7 @@ warm_up on CUDA), with the CLI's default sampling settings, a prompt of PROMPT_T
    host enqueue and device time (CUDA events), the first token; per step the host's own time (from
    one step's launch to the next, less the time it sat waiting in HostCopy.wait), its waits, and
    the device's time from one step's start to the next (CUDA events: kernels plus any idling);
+   every answer also lists Python's garbage collections of generations 1 and 2 inside it;
 3. the host alone: the same answer loop with the model's step replaced by a fixed logits row
    (prefill and step cost nothing, sampling and everything after it run), so its tokens/s is the
    host's ceiling: the real step hides the host's work only when that is above the bench's rate;
@@ -20,6 +21,7 @@ A summary line per part comes last. CPU runs (tiny checkpoints) check the script
     python3 tools/cli_breakdown.py --ckpt /tmp/ck [--prompt_tokens 100] [--answers 3] [--device cuda]
 """
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -40,6 +42,28 @@ def settings_for(model: optimus.Transformer, new_tokens: int | None) -> dict:
     settings["raw"] = True
     settings["max_new_tokens"] = new_tokens or optimus.default_max_new_tokens(model.cfg.max_seq_len)
     return settings
+
+
+class Collections:
+    """Python's garbage collections (generation, seconds) while installed, through gc.callbacks."""
+
+    def __init__(self):
+        self.done, self.begin = [], None
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.begin = time.perf_counter()
+        elif self.begin is not None:
+            self.done.append((info["generation"], time.perf_counter() - self.begin))
+
+    def take(self) -> str:
+        """The collections since the last take, beyond the cheap generation-0 ones."""
+        big = [(g, s) for g, s in self.done if g > 0]
+        self.done = []
+        return (f"  garbage collections of generations 1-2: {len(big)}"
+                + (f", {sum(s for _, s in big) * 1e3:.2f} ms together, the longest {max(s for _, s in big) * 1e3:.2f}"
+                   f" ms (generation {max(big, key=lambda x: x[1])[0]})" if big else ""))
 
 
 class Probe:
@@ -197,6 +221,8 @@ def main() -> int:
     parser.add_argument("--prompt_tokens", type=int, default=100)
     parser.add_argument("--new_tokens", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--answers", type=int, default=3)
+    parser.add_argument("--no_gc_freeze", action="store_true",
+                        help="warm up without answer_decoder's gc.freeze(), then only the first answer and one more")
     args = parser.parse_args()
 
     enc = optimus.load_tokenizer()
@@ -205,9 +231,12 @@ def main() -> int:
     model = optimus.ready_to_generate(model, rt, "auto")
     settings = settings_for(model, args.new_tokens)
     cuda = rt.device.type == "cuda"
-    decoder = optimus.Decoder(model, 1)
-    if cuda:
-        decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
+    if args.no_gc_freeze:
+        decoder = optimus.Decoder(model, 1)
+        if cuda:
+            decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
+    else:
+        decoder = optimus.answer_decoder(model, settings)
     text = "word" + " word" * (args.prompt_tokens - 1)
     prompt = enc.encode_ordinary(text)
     print(f"device {rt.device}, {model.num_params() / 1e6:.1f}M parameters, prompt {len(prompt)} tokens, "
@@ -215,6 +244,8 @@ def main() -> int:
     sink = open("/dev/null", "w")
     generator = torch.Generator(rt.device).manual_seed(1)
     summary = []
+
+    collections = Collections()
 
     def answer():
         return optimus.answer(model, decoder, enc, text, settings, None, generator, sink)
@@ -225,6 +256,12 @@ def main() -> int:
             print(line)
     except Exception as exc:  # the breakdown is a diagnostic: report and carry on
         print(f"  profile failed: {type(exc).__name__}: {exc}")
+    print(collections.take())
+    if args.no_gc_freeze:
+        count, seconds, first = answer()
+        print(f"-- answer 2: {count} tokens, {count / seconds:.1f} tokens/s, first token after {first * 1e3:.1f} ms")
+        print(collections.take())
+        return 0
 
     probe = Probe(decoder, enc)
     rates = []
@@ -241,11 +278,13 @@ def main() -> int:
               f"{first * 1e3:.1f} ms (timestamps on, one CUDA event a step)")
         for line in probe.report(start, first):
             print(line)
+        print(collections.take())
     for n in range(args.answers):
         count, seconds, first = answer()
         rates.append((count / seconds, first))
         print(f"-- answer {n + 2 + args.answers}, no timestamps: {count} tokens, {count / seconds:.1f} tokens/s, "
               f"first token after {first * 1e3:.1f} ms")
+        print(collections.take())
 
     count, seconds, _ = host_alone(model, decoder, enc, text, settings, sink)
     print(f"-- host alone (fixed logits, no model): {count} tokens, {count / seconds:.0f} tokens/s, "

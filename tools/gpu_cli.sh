@@ -34,10 +34,15 @@ grep -i "tokens/s\|error" "$OUT/cli_stderr.txt" | tee "$OUT/cli_speed.txt"
 stage "breakdown"
 timeout 90 python3 tools/cli_breakdown.py --ckpt /tmp/ck_cli --prompt_tokens 100 --new_tokens "$NEW" --answers 3 \
     2>&1 | grep -v "^USDT\|^ERROR:.*DeviceProperties\|^STAGE:" | tee "$OUT/cli_breakdown.txt" || failed=1
+stage "breakdown of a first answer without gc.freeze()"
+timeout 40 python3 tools/cli_breakdown.py --ckpt /tmp/ck_cli --prompt_tokens 100 --new_tokens "$NEW" --no_gc_freeze \
+    2>&1 | grep -v "^USDT\|^ERROR:.*DeviceProperties\|^STAGE:" | tee "$OUT/cli_breakdown_no_freeze.txt" || failed=1
 stage "summary"
 echo "CLI answers (a fresh process; tokens/s and first token as the CLI prints them):"
 sed 's/^/  /' "$OUT/cli_speed.txt"
 sed -n '/== breakdown summary/,$p' "$OUT/cli_breakdown.txt"
+echo "without gc.freeze() (another process):"
+grep "^-- answer\|garbage" "$OUT/cli_breakdown_no_freeze.txt" | sed 's/^/  /'
 echo "target: each CLI answer >= 90% of the bench measure at the 100-token prompt, first token <= 15 ms"
 stage "done, failed=$failed"
 exit $failed
