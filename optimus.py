@@ -2428,8 +2428,8 @@ WARM_UP_TOKENS = 24
 class HostCopy:
     """A tensor's copy to the host, started without waiting for it: into pinned memory behind the
     work queued so far, with an event after it. `wait()` waits for that event only, where `.item()`
-    or `.cpu()` would wait for everything queued by then (their copy queues behind it). A CPU
-    tensor is its own copy."""
+    or `.cpu()` would wait for everything queued by then (their copy queues behind it). A tensor
+    on any other device is passed through as it is (on the CPU: already there)."""
 
     def __init__(self, t: torch.Tensor):
         self.host, self.event = t, None
