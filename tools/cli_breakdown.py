@@ -120,6 +120,8 @@ class Probe:
         optimus.HostCopy.wait = self.wait
 
     def report(self, start: float, first: float) -> list[str]:
+        if self.cuda:
+            torch.cuda.synchronize()  # every event has passed
         m, ms = self.marks, lambda t: (t - start) * 1e3
         lines = [f"  first token {first * 1e3:.2f} ms = tokenised {ms(m['encoded']):.2f}, prefill called "
                  f"{ms(m['prefill_called']):.2f}, queued {ms(m['prefill_queued']):.2f}"
