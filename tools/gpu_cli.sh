@@ -43,6 +43,17 @@ sed 's/^/  /' "$OUT/cli_speed.txt"
 sed -n '/== breakdown summary/,$p' "$OUT/cli_breakdown.txt"
 echo "without gc.freeze() (another process):"
 grep "^-- answer\|garbage" "$OUT/cli_breakdown_no_freeze.txt" | sed 's/^/  /'
+python3 - "$OUT/cli_speed.txt" "$OUT/cli_breakdown.txt" <<'PY' || failed=1
+import re, sys
+cli = [(float(r), float(f)) for r, f in re.findall(r"([\d.]+) tokens/s, first token after (\d+) ms", open(sys.argv[1]).read())]
+ref = re.search(r"bench measure: (\d+) tokens/s at the", open(sys.argv[2]).read())
+if cli and ref:
+    ref = float(ref.group(1))
+    print("CLI against the bench measure at its prompt: " + " / ".join(f"{r / ref:.0%}" for r, _ in cli)
+          + f"; within 10%: {all(r >= 0.9 * ref for r, _ in cli)}; first token <= 15 ms: {all(f <= 15 for _, f in cli)}")
+else:
+    print("CLI or bench numbers missing: see above")
+PY
 echo "target: each CLI answer >= 90% of the bench measure at the 100-token prompt, first token <= 15 ms"
 stage "done, failed=$failed"
 exit $failed
