@@ -2600,16 +2600,17 @@ def read_behind(steps, lag: int = 8):
 
 
 def answer_decoder(model: Transformer, settings: dict, compile: bool = False) -> Decoder:
-    """The CLI's one-row Decoder, on CUDA warmed up for `settings` (Decoder.warm_up), with the
-    garbage collector's survivors frozen: a full collection scans every object the process holds
-    (about 320,000 once torch and a model are loaded: 240 ms on a shared CPU core), and one that
-    fell inside an answer would stall its tokens; after gc.freeze() collections scan only what
-    answers create."""
+    """The CLI's one-row Decoder, on CUDA warmed up for `settings` (Decoder.warm_up), then the
+    garbage collector's survivors frozen. A full collection scans every object the process holds
+    (about 320,000 once torch and a model are loaded), and the first answer of a process ran one:
+    370-400 ms inside it on the development machine's shared CPU (tiny model on the CPU, two runs
+    of tools/cli_breakdown.py, whose first answer is profiled), stalling its tokens. After gc.freeze() a collection scans only what
+    came after, so this costs one full collection here, once per process."""
     decoder = Decoder(model, 1, compile=compile)
     if decoder.tokens.device.type == "cuda":
         decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
-        gc.collect()
-        gc.freeze()
+    gc.collect()
+    gc.freeze()
     return decoder
 
 

@@ -1,7 +1,7 @@
 """Where `optimus.py sample`'s time goes, answer by answer, against the bench's measure at the same prompt.
 
 Loads a checkpoint the way cmd_sample does (load_checkpoint, ready_to_generate, answer_decoder:
-the warm-up and the frozen garbage collector on CUDA), with the CLI's default sampling settings, a prompt of PROMPT_TOKENS tokens
+the warm-up on CUDA, the frozen garbage collector), with the CLI's default sampling settings, a prompt of PROMPT_TOKENS tokens
 (" word" repeated, --raw), the text written to /dev/null as the CLI's goes to a pipe. Then:
 
 1. the process's first answer under torch.profiler (CPU and CUDA activity): its longest host calls
