@@ -15,7 +15,8 @@ the warm-up on CUDA, the frozen garbage collector), with the CLI's default sampl
    (prefill and step cost nothing, sampling and everything after it run), so its tokens/s is the
    host's ceiling: the real step hides the host's work only when that is above the bench's rate;
 4. the bench's measure (bench.seconds_per_call over generate(eot_id=None), nothing read per token,
-   as bench_decode times it) at this prompt's length and at the bench's 16 tokens.
+   as bench_decode times it) at this prompt's length and at the bench's 16 tokens, and at this
+   prompt with an answer's end-of-text checks and read_behind but no text (what those cost).
 A summary line per part comes last. CPU runs (tiny checkpoints) check the script, not the speed.
 
     python3 tools/cli_breakdown.py --ckpt /tmp/ck [--prompt_tokens 100] [--answers 3] [--device cuda]
@@ -189,14 +190,19 @@ def profile_answer(run, cuda: bool) -> list[str]:
     return lines
 
 
-def bench_seconds(model, decoder, prompt: list[int], new_tokens: int, settings: dict, device) -> float:
+def bench_seconds(model, decoder, prompt: list[int], new_tokens: int, settings: dict, device,
+                  answer_path: bool = False) -> float:
     """bench_decode's measure of one generation: generate() with nothing read per token, the last
-    token on the host, bench.seconds_per_call's median."""
+    token on the host, bench.seconds_per_call's median. answer_path: with the end-of-text masks
+    and stop checks and each token read through read_behind, as an answer (the end-of-text id a
+    padded vocabulary row, never sampled, so every run makes all its tokens), but no text."""
     generator = torch.Generator(device).manual_seed(0)
+    eot = model.cfg.vocab_size if answer_path else None
 
     def run(i: int) -> None:
-        for token in optimus.generate(model, [prompt], new_tokens, settings["temperature"], settings["top_p"],
-                                      settings["top_k"], generator, eot_id=None, decoder=decoder):
+        steps = optimus.generate(model, [prompt], new_tokens, settings["temperature"], settings["top_p"],
+                                 settings["top_k"], generator, eot_id=eot, decoder=decoder)
+        for token in (optimus.read_behind(steps) if answer_path else steps):
             pass
         token.cpu()
     return bench.seconds_per_call(run, device, bench.STEP_BUDGETS[device.type])
@@ -300,6 +306,12 @@ def main() -> int:
         bench_rates[length] = new / seconds
         print(f"-- bench measure, {length}-token prompt, {new} new tokens: {new / seconds:.1f} tokens/s "
               f"({seconds / new * 1e3:.3f} ms a token, prefill included)")
+    if model.cfg.padded_vocab_size > model.cfg.vocab_size:
+        seconds = bench_seconds(model, decoder, prompt, new, settings, rt.device, answer_path=True)
+        print(f"-- the same, {len(prompt)}-token prompt, with the end-of-text checks and read_behind: "
+              f"{new / seconds:.1f} tokens/s ({seconds / new * 1e3:.3f} ms a token)")
+        summary.append(f"bench measure with an answer's end-of-text checks and read_behind (no text): "
+                       f"{new / seconds:.0f} tokens/s")
     plain = [r for r, _ in rates[args.answers:]] or [r for r, _ in rates]
     firsts = [f for _, f in rates[args.answers:]] or [f for _, f in rates]
     ref = bench_rates[len(prompt)]
