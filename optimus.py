@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import errno
 import functools
+import gc
 import json
 import math
 import os
@@ -2445,25 +2446,31 @@ class Decoder:
         return self.logits
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
-        """One short generation, thrown away, then one prefill of every padded prompt width. On
-        CUDA a kernel's first launch loads it, and each new prefill width makes the attention and
-        matmul libraries plan anew (H200: the first answer to a 100-token prompt, width 128, waited
-        80 ms for its first token, the next ones 7 ms): without this, the first answer's tokens/s
-        and first token would count that too. The prefills only write cache slots that the next
-        prefill writes again."""
-        for _ in generate(self.model, [[EOT_ID] * 8] * self.batch, 2, temperature, top_p, top_k,
-                          eot_id=None, decoder=self):
-            pass
+        """One short answer, thrown away, read the way `answer` reads one (read_behind: the pinned
+        copies, the end-of-text masks and stop checks), then on CUDA one prefill of every padded
+        prompt width, and a wait for all of it. A kernel's first launch loads it, a pinned buffer's
+        first allocation maps it, and each new prefill width makes the attention and matmul
+        libraries plan anew (H200: the first answer to a 100-token prompt, width 128, waited 80 ms
+        for its first token, the next ones 7 ms): without this, the first answer's tokens/s and
+        first token would count that too, and without the wait, the warm-up's queued work. Its
+        draws come from a generator of its own, so a seeded answer after it is the same as without
+        it. The prefills only write cache slots that the next prefill writes again."""
         device, S = self.tokens.device, self.model.cfg.max_seq_len
+        prompt = min(8, S // 2)
+        steps = generate(self.model, [[EOT_ID] * prompt] * self.batch, min(WARM_UP_TOKENS, S - prompt),
+                         temperature, top_p, top_k, torch.Generator(device).manual_seed(0), decoder=self)
+        for _ in read_behind(steps):
+            pass
         if device.type != "cuda":
             return
         for width in sorted(set(range(PREFILL_BUCKET, S + 1, PREFILL_BUCKET)) | {S}):  # generate()'s widths
             tokens = torch.full((self.batch, width), EOT_ID, dtype=torch.long, device=device)
             self.prefill(tokens, torch.full((self.batch,), width, device=device))
+        torch.cuda.synchronize(device)
 
     def check(self) -> None:
         """Raise if any cache write was out of range (CUDA kernels flag it instead of raising)."""
-        if any(bool(c.status) for c in self.caches):
+        if bool(torch.cat([c.status for c in self.caches]).any()):  # one host sync, not one per layer
             raise RuntimeError("a KV-cache write or read fell outside the cache: positions must be < max_seq_len")
 
 
@@ -2482,6 +2489,32 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int)
 
 
 PREFILL_BUCKET = 64  # prompt lengths the prefill is padded to a multiple of
+# Tokens of Decoder.warm_up's answer: past read_behind's lag and two of generate()'s stop checks,
+# so every host path of a real answer has run once.
+WARM_UP_TOKENS = 24
+
+
+class HostCopy:
+    """A tensor's copy to the host, started without waiting for it: into pinned memory behind the
+    work queued so far, with an event after it. `wait()` waits for that event only, where `.item()`
+    or `.cpu()` would wait for everything queued by then (their copy queues behind it). A tensor
+    on any other device is passed through as it is (on the CPU: already there)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.host, self.event = t, None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(t.device))
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
 
 
 @torch.no_grad()
@@ -2492,8 +2525,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     """Yield (B,) tensors of new tokens, one per step, for prompts of any lengths.
 
     A sequence that produced `eot_id` yields `eot_id` from then on; generation ends after
-    max_new_tokens, or once every sequence is done (checked every `stop_check_every` steps, each
-    check a host sync). Prompts too long for max_seq_len lose their oldest tokens, with a warning.
+    max_new_tokens, or once every sequence is done. That is checked every `stop_check_every`
+    steps on a copy of the flags taken at the check before (HostCopy), which the device passed
+    long ago: reading the newest flags would wait for the step just queued and leave the device
+    idle until Python queued the next. So it ends between stop_check_every and twice that many
+    steps after the last sequence is done. Prompts too long for max_seq_len lose their oldest
+    tokens, with a warning.
     """
     check_sampling_args(temperature, top_p, top_k)
     device = model.tok_emb.weight.device
@@ -2511,16 +2548,21 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = torch.tensor(p)
     logits = decoder.prefill(padded.to(device), lengths)
+    sample_impl = "auto" if model.kernels(device, False) == "ext" else "ref"
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    all_done = None  # HostCopy of done.all() at the last check
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, top_k, generator,
-                            impl="auto" if model.kernels(device, False) == "ext" else "ref")
+        token = sample_next(logits, temperature, top_p, top_k, generator, impl=sample_impl)
         if eot_id is not None:
             token = token.masked_fill(done, eot_id)
             done |= token == eot_id
         yield token
-        if i + 1 == max_new_tokens or (eot_id is not None and (i + 1) % stop_check_every == 0 and bool(done.all())):
+        if i + 1 == max_new_tokens:
             break
+        if eot_id is not None and (i + 1) % stop_check_every == 0:
+            if all_done is not None and bool(all_done.wait()):
+                break
+            all_done = HostCopy(done.all())
         logits = decoder.step(token, lengths + i)
     decoder.check()
 
@@ -2609,23 +2651,44 @@ class TextStream:
 
 
 def read_behind(steps, lag: int = 8):
-    """Yield the items of `steps` `lag` steps late. Reading a token (a device tensor) waits for the
-    GPU to reach it; by then `lag` more steps are queued behind it, so the GPU never idles while
-    the host prints (the text appears some milliseconds later)."""
+    """Yield each (device) tensor of `steps` on the host, in order: as soon as its copy there has
+    landed, and at most `lag` steps late. Each step's copy starts behind it (HostCopy), and the
+    host waits for one only when `lag` newer steps are queued behind it, so the device always has
+    work while Python turns tokens into text. Reading a device tensor itself (`int(token)`) waits
+    for everything queued: the device then idles while Python prints and queues the next step (the
+    CLI read its tokens that way and reported 2,112 tokens/s on the H200, 2026-12-02, where the
+    bench, whose loop reads nothing, made 2,810)."""
     import collections
-    pending = collections.deque()
+    pending: collections.deque[HostCopy] = collections.deque()
     for step in steps:
-        pending.append(step)
-        if len(pending) > lag:
-            yield pending.popleft()
-    yield from pending
+        pending.append(HostCopy(step))
+        while pending and (len(pending) > lag or pending[0].ready()):
+            yield pending.popleft().wait()
+    while pending:
+        yield pending.popleft().wait()
+
+
+def answer_decoder(model: Transformer, settings: dict, compile: bool = False) -> Decoder:
+    """The CLI's one-row Decoder, on CUDA warmed up for `settings` (Decoder.warm_up), then the
+    garbage collector's survivors frozen. A full collection scans every object the process holds
+    (about 320,000 once torch and a model are loaded), and the first answer of a process ran one:
+    370-400 ms inside it on the development machine's shared CPU (tiny model on the CPU, two runs
+    of tools/cli_breakdown.py, whose first answer is profiled), stalling its tokens. After gc.freeze() a collection scans only what
+    came after, so this costs one full collection here, once per process."""
+    decoder = Decoder(model, 1, compile=compile)
+    if decoder.tokens.device.type == "cuda":
+        decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
+    gc.collect()
+    gc.freeze()
+    return decoder
 
 
 def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict, template: dict | None,
            generator: torch.Generator | None, out=sys.stdout,
            history: list[list[int]] | None = None) -> tuple[int, float, float]:
-    """Stream one answer to `out`; returns (tokens generated, seconds, seconds to the first token,
-    the prompt's prefill included). Ctrl-C ends it early.
+    """Stream one answer to `out`; returns (tokens generated, seconds, seconds until the first token
+    was on the host), both timed from the text's arrival: tokenising and the prompt's prefill
+    included. Ctrl-C ends it early.
 
     With `history` (past turns' token ids, oldest first) the answer continues a conversation: the
     model reads the newest past turns that leave room for max_new_tokens in max_seq_len, then this
@@ -2633,11 +2696,11 @@ def answer(model: Transformer, decoder: Decoder, enc, text: str, settings: dict,
     of one record, and records follow each other after <|endoftext|>. An empty text starts a
     document from scratch (the model reads only <|endoftext|>)."""
     import time
+    start = time.perf_counter()
     prompt = data_prep.format_prompt(template, text) if template and not settings["raw"] else text
     ids = enc.encode_ordinary(prompt) if text.strip() else [EOT_ID]
     past = fit_history(history, ids, model.cfg.max_seq_len - settings["max_new_tokens"]) if history else []
-    stream, tokens, start = TextStream(enc), [], time.perf_counter()
-    first = 0.0
+    stream, tokens, first = TextStream(enc), [], 0.0
     try:
         for token in read_behind(generate(model, [sum(past, []) + ids], settings["max_new_tokens"],
                                           settings["temperature"], settings["top_p"], settings["top_k"],
@@ -2728,9 +2791,7 @@ def cmd_sample(argv: list[str]) -> int:
     settings["max_new_tokens"] = max_new_tokens
     if args["compile"]:
         print("compiling the decoding step (once per process; tens of seconds on a GPU)...", file=sys.stderr)
-    decoder, template = Decoder(model, 1, compile=args["compile"]), ckpt.get("template")
-    if rt.device.type == "cuda":
-        decoder.warm_up(settings["temperature"], settings["top_p"], settings["top_k"])
+    decoder, template = answer_decoder(model, settings, args["compile"]), ckpt.get("template")
 
     history: list[list[int]] = []  # the conversation's turns, as token ids (interactive only)
 

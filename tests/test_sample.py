@@ -93,8 +93,12 @@ def test_warm_up_leaves_no_trace_in_the_next_answer():
     model = tiny_model(2)
     prompt = torch.randint(0, 50257, (6,)).tolist()
     decoder = optimus.Decoder(model, 1)
+    seeded = lambda: torch.stack(list(optimus.generate(model, [prompt], 20, 0.8, 0.9, 0,
+                                                       torch.Generator().manual_seed(1), decoder=decoder)))
+    before = seeded()
     decoder.warm_up(0.8, 0.9, 0)  # what the CLI does on CUDA before the first answer
     assert greedy_with_cache(model, [prompt], 20, decoder=decoder)[0] == greedy_without_cache(model, prompt, 20)
+    assert torch.equal(seeded(), before)  # its draws come from its own generator
 
 
 def test_compiled_step_generates_what_the_full_forward_passes_do():
@@ -106,8 +110,25 @@ def test_compiled_step_generates_what_the_full_forward_passes_do():
         assert row == greedy_without_cache(model, prompt, 12)
 
 
-def test_read_behind_keeps_order_and_stays_lag_steps_back():
-    produced = []
+@pytest.mark.parametrize("lands_after", [None, 0, 2, 9], ids=["never-early", "at-once", "2-steps", "9-steps"])
+def test_read_behind_yields_each_step_once_landed_and_at_most_lag_late(monkeypatch, lands_after):
+    """A fake device copy that lands `lands_after` steps after its own (None: only when waited
+    for): read_behind yields it then, never more than `lag` steps late, and waits only for copies
+    `lag` steps old (the host never waits on the newest step)."""
+    lag, produced, waits = 4, [], []
+
+    class FakeCopy:
+        def __init__(self, item):
+            self.item = item
+
+        def ready(self):
+            return lands_after is not None and len(produced) >= self.item + 1 + lands_after
+
+        def wait(self):
+            if not self.ready():  # a wait that blocks: how many steps were queued by then
+                waits.append((self.item, len(produced)))
+            return self.item
+    monkeypatch.setattr(optimus, "HostCopy", FakeCopy)
 
     def source(n):
         for i in range(n):
@@ -116,11 +137,37 @@ def test_read_behind_keeps_order_and_stays_lag_steps_back():
 
     for n in (0, 3, 20):
         produced.clear()
+        waits.clear()
         seen = []
-        for item in optimus.read_behind(source(n), lag=4):
+        for item in optimus.read_behind(source(n), lag=lag):
             seen.append(item)
-            assert len(produced) == min(n, item + 5)  # the source runs 4 steps ahead, up to its end
+            late = lag if lands_after is None else min(lands_after, lag)
+            assert len(produced) == min(n, item + 1 + late)
         assert seen == list(range(n))
+        # Before the source ends, the host blocks on a copy only with `lag` newer steps queued behind it.
+        assert all(queued == item + 1 + lag for item, queued in waits if queued < n)
+        lands_late = lands_after is None or lands_after > lag
+        assert any(queued < n for _, queued in waits) == (lands_late and n > lag + 1)
+
+
+def test_read_behind_passes_host_tensors_through_at_once():
+    steps = [torch.tensor([i, i + 1]) for i in range(5)]
+    produced = []
+
+    def source():
+        for t in steps:
+            produced.append(t)
+            yield t
+    for i, t in enumerate(optimus.read_behind(source(), lag=3)):
+        assert t is steps[i] and len(produced) == i + 1  # nothing to wait for: no lag
+
+
+@requires_cuda
+def test_read_behind_brings_each_cuda_step_to_pinned_host_memory():
+    steps = [torch.full((3,), i, device="cuda") * 2 for i in range(20)]
+    got = list(optimus.read_behind(iter(steps), lag=4))
+    assert [t.tolist() for t in got] == [[2 * i] * 3 for i in range(20)]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in got)
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one():
@@ -145,7 +192,8 @@ def test_generation_stops_each_sequence_at_end_of_text(monkeypatch):
     monkeypatch.setattr(model, "logits", logits)
     steps = torch.stack(list(optimus.generate(model, [[1, 2, 3], [4, 5]], 50, temperature=0,
                                               stop_check_every=4)))          # (steps, B)
-    assert steps.shape == (8, 2)  # both done after 5 tokens, noticed at the check after 8
+    # Both done after 5 tokens: the flags copied at the check after 8 are read at the one after 12.
+    assert steps.shape == (12, 2)
     assert (steps[1:, 0] == optimus.EOT_ID).all() and steps[0, 0] != optimus.EOT_ID
     assert (steps[4:, 1] == optimus.EOT_ID).all() and (steps[:4, 1] != optimus.EOT_ID).all()
 
@@ -334,6 +382,36 @@ def test_chat_answers_continue_the_conversation_and_reset_forgets_it(checkpoint)
 
     assert "forgotten" in optimus.repl_command("/reset", settings, model.cfg.max_seq_len, history)
     assert history == []
+
+
+def test_answer_streams_the_seeded_tokens_and_stops_at_end_of_text(checkpoint, monkeypatch):
+    import io
+    model, _ = optimus.load_checkpoint(checkpoint)
+    enc, decoder = optimus.load_tokenizer(), optimus.Decoder(model, 1)
+    settings = {"temperature": 0.9, "top_p": 0.8, "top_k": 0, "max_new_tokens": 30, "raw": True}
+    steps = optimus.generate(model, [enc.encode_ordinary("ROMEO:")], 30, 0.9, 0.8, 0,
+                             torch.Generator().manual_seed(5), decoder=decoder)
+    expected = [int(t) for t in steps]
+    assert optimus.EOT_ID not in expected[:7]  # the model of this seed talks past the cut below
+    expected = expected[: expected.index(optimus.EOT_ID)] if optimus.EOT_ID in expected else expected
+    out = io.StringIO()
+    count, seconds, first = optimus.answer(model, decoder, enc, "ROMEO:", settings, None,
+                                           torch.Generator().manual_seed(5), out)
+    assert out.getvalue() == enc.decode(expected) + "\n" and count == len(expected)
+    assert 0 < first <= seconds
+
+    head, calls = model.logits, []
+
+    def logits(h):  # call k makes token k: the 7th token is <|endoftext|>
+        out = head(h).clone()
+        if len(calls) == 6:
+            out[:, optimus.EOT_ID] = 1e4
+        calls.append(1)
+        return out
+    monkeypatch.setattr(model, "logits", logits)
+    out = io.StringIO()
+    count, _, _ = optimus.answer(model, decoder, enc, "ROMEO:", settings, None, torch.Generator().manual_seed(5), out)
+    assert count == 6 and out.getvalue() == enc.decode(expected[:6]) + "\n"
 
 
 def test_cli_default_length_and_an_empty_prompt(checkpoint):
