@@ -49,7 +49,7 @@ e)  # the last call of 2026-12-02: what changed after d's measurements
 f)  # 2026-12-02, second session: the fused attention, the tensor-core decode_linear, the CLI
   part attention 200 tools/gpu_attention.sh
   SKIP_BENCH=1 MMA_LIMIT_S=150 part decode-mma 170 tools/gpu_decode_mma.sh
-  NO_FREEZE_AB=1 part cli 110 tools/gpu_cli.sh
+  part cli 130 tools/gpu_cli.sh
   ;;
 g)  # 2026-12-02, second session: selective checkpointing and the training step's profile
   part train 330 tools/gpu_train13.sh
