@@ -101,9 +101,9 @@ class ModelConfig:
     num_heads: int = cfg_field(8, "query heads")
     num_kv_heads: int = cfg_field(2, "key/value heads (grouped-query attention)")
     checkpointing: bool = cfg_field(True, "recompute each block in backward to save activation memory")
-    checkpoint_policy: str = cfg_field("full", "what checkpointing recomputes: full (each whole block) | selective "
-                                               "(only the norms, rotary, SwiGLU and adds; the matmuls' and "
-                                               "attention's outputs are kept)")
+    checkpoint_policy: str = cfg_field("selective", "what checkpointing recomputes: selective (only the norms, "
+                                                    "rotary, SwiGLU and adds; the matmuls' and attention's outputs "
+                                                    "are kept) | full (each whole block: least memory)")
     max_seq_len: int = cfg_field(512, "longest sequence: rotary table and KV cache length")
     rope_theta: float = cfg_field(10000.0, "rotary embedding base")
     norm_eps: float = cfg_field(1e-5, "RMSNorm epsilon")
@@ -792,12 +792,11 @@ def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch
 # shared memory (csrc/decode_attention.cpp: kCudaMaxQueriesPerKvHead).
 DECODE_ATTENTION_MAX_QUERIES = 64
 # Rows (batch x new tokens) up to which a decoding step's projections go through decode_linear by
-# default (Transformer.step_logits, fused_linear=None): on the H200 one row was faster than
-# cuBLAS's GEMV plus the separate norm and add kernels, four rows slower with the CUDA-core kernel
-# (its x rows share the weight reads but not the multiplies; tools/bench_decode_linear.py). 2..32
-# rows of bf16 / fp16 now take a tensor-core kernel, not yet measured: this stays 1 until the
-# H200's numbers (tools/gpu_decode_mma.sh) say where it wins.
-DECODE_LINEAR_MAX_ROWS = 1
+# default (Transformer.step_logits, fused_linear=None). H200, 2026-12-02 (tools/bench_decode_linear.py,
+# one block's four projections against cuBLAS plus the separate norm, SwiGLU and add kernels): the
+# tensor-core kernel (2..32 rows) takes 0.48-0.76 of their time up to 16 rows and 1.09 at 32; the
+# batch-16 step went from 34,643 to 40,821 tokens/s through decode_row. One row takes the CUDA-core kernel.
+DECODE_LINEAR_MAX_ROWS = 16
 
 def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5, swiglu: bool = False,
                   impl: str = "ref") -> torch.Tensor:

@@ -51,7 +51,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "pdl.h"
 
@@ -62,7 +61,10 @@ constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kSlots = 4;                       // slots per warp per group: their rows are loaded together
 constexpr int kMinSplitLen = kWarps * kSlots;   // a split is a whole number of groups for every warp
-constexpr int kBlocksPerSm = 2;                 // the splits aim at this many blocks per SM
+// The splits aim at this many blocks per SM over the whole batch. H200, the default model at
+// position 271 (the op alone, replayed from a graph): batch 1 5.1 us at 32 slots a split (this
+// rule), 6.1 at 64, 8.2 at 128; batch 16 11.5 us at 32, 10.1 at 64, 8.4 at 128 (this rule).
+constexpr int kBlocksPerSm = 1;
 constexpr int kMaxSplits = 1024;                // keeps the last block's merge short
 constexpr int kMergeBatch = 16;                 // parts loaded at once by the merging block
 
@@ -407,8 +409,6 @@ cudaError_t rope_append_attention_cuda(const at::Tensor& qkv, const at::Tensor& 
   const int want = std::max(1, (kBlocksPerSm * sms + B * a.KV - 1) / (B * a.KV));
   int len = std::max({kMinSplitLen, (a.S + want - 1) / want, (a.S + kMaxSplits - 1) / kMaxSplits});
   len = (len + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen;
-  static const int forced = [] { const char* v = std::getenv("OPTIMUS_ATTN_SPLIT_LEN"); return v ? std::atoi(v) : 0; }();
-  if (forced > 0) len = (forced + kMinSplitLen - 1) / kMinSplitLen * kMinSplitLen;  // TEMPORARY: measuring
   a.split_len = len;
   a.splits = (a.S + len - 1) / len;
   switch (qkv.scalar_type()) {

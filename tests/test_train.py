@@ -126,8 +126,8 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir, impl, policy):
 
 def test_a_checkpoint_from_before_checkpoint_policy_resumes_with_either_policy(tmp_path, data_dir):
     """Checkpoints written before the field existed have no checkpoint_policy: they load, resume
-    and start new runs (as "full", the old behaviour), and a run may resume with another policy
-    (it picks what the backward recomputes, not the math)."""
+    and start new runs (with the field's default), and a run may resume with another policy (it
+    picks what the backward recomputes, not the math)."""
     common = dict(max_steps=6, checkpoint_interval=3, eval_interval=3)
     optimus.train(*configs(tmp_path, data_dir, max_steps=3, checkpoint_interval=3))
     path = tmp_path / "ckpt" / "latest.pt"
@@ -135,10 +135,10 @@ def test_a_checkpoint_from_before_checkpoint_policy_resumes_with_either_policy(t
     del ckpt["model_config"]["checkpoint_policy"]
     torch.save(ckpt, path)
     model, _ = optimus.load_checkpoint(path)
-    assert model.cfg.checkpoint_policy == "full"
-    assert optimus.train(*configs(tmp_path, data_dir, resume=True, checkpoint_policy="selective", **common))["step"] == 6
+    assert model.cfg.checkpoint_policy == optimus.ModelConfig().checkpoint_policy == "selective"
+    assert optimus.train(*configs(tmp_path, data_dir, resume=True, checkpoint_policy="full", **common))["step"] == 6
     resumed = torch.load(path, weights_only=True)
-    assert resumed["model_config"]["checkpoint_policy"] == "selective"
+    assert resumed["model_config"]["checkpoint_policy"] == "full"
     model_cfg, _ = configs(tmp_path / "new", data_dir, init_from=str(path), checkpoint_policy="full", checkpointing=False)
     assert model_cfg.checkpoint_policy == "full" and not model_cfg.checkpointing
 

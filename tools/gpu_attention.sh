@@ -52,21 +52,8 @@ with torch.cuda.stream(torch.cuda.Stream(dev)):
         print(case.op, case.shape, "  ".join(f"{k} {v:.2f} us" for k, v in times.items()),
               f"  pair/ext {times['pair'] / times['ext']:.2f}x")
 PY
-stage "split length A/B (the op alone, calls replayed from a graph; 0 = the launcher's rule)"
-for len in 0 32 64 128; do
-OPTIMUS_ATTN_SPLIT_LEN=$len timeout 60 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn"
-import os, torch, bench, optimus
-dev = torch.device("cuda")
-optimus.load_extension()
-with torch.cuda.stream(torch.cuda.Stream(dev)):
-    for case in bench.rope_attention_cases(dev, torch.bfloat16):
-        x = case.make()
-        call = case.impls["ext"](x)
-        print("split_len", os.environ["OPTIMUS_ATTN_SPLIT_LEN"], case.shape, f"{bench.graph_seconds_per_call(lambda i: call(), dev) * 1e6:.2f} us")
-PY
-done
 stage "bench decode (graph, PDL on; no transformers)"
-timeout 120 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" | tee "$OUT/decode_bench.txt" || failed=1
+timeout 150 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" | tee "$OUT/decode_bench.txt" || failed=1
 import torch, bench
 rows = bench.bench_decode(torch.device("cuda"), hf=False, profile=True)
 print(bench.format_table(rows))
