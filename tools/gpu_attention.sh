@@ -59,31 +59,6 @@ rows = bench.bench_decode(torch.device("cuda"), hf=False, profile=True)
 print(bench.format_table(rows))
 PY
 stage "kernels of one eager step (batch 1 and 16, position 271), by time"
-timeout 90 python3 - <<'PY' 2>&1 | grep -v "Warning\|warn" || failed=1
-import torch, optimus
-from torch.profiler import ProfilerActivity, profile
-dev = torch.device("cuda")
-cfg, _ = optimus.make_configs("base", impl="ext")
-torch.manual_seed(0)
-model = optimus.Transformer(cfg).to(dev).to(torch.bfloat16).eval()
-for batch in (1, 16):
-    dec = optimus.Decoder(model, batch, use_graph=False)
-    tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-    pos = torch.full((batch,), 271, dtype=torch.long, device=dev)
-    for _ in range(3):
-        optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    events.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in events) / 10
-    print(f"batch {batch}: {total:.0f} us of kernels per step, {sum(e.count for e in events) / 10:.0f} kernels")
-    for e in events[:16]:
-        print(f"  {e.self_device_time_total / 10:7.1f} us {e.count / 10:5.1f}x  {e.key[:100]}")
-    del dec
-PY
+timeout 90 python3 tools/step_kernels.py --eager --pos 271 --top 16 2>&1 | grep -v "Warning\|warn" || failed=1
 stage "done, failed=$failed"
 exit $failed
