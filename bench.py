@@ -460,18 +460,27 @@ def profile_parts(kernels: list[tuple[str, float, int]], steps: int) -> dict:
         "kernel_ms": sum(parts.values()), "kernels": sum(n for _, _, n in kernels) / steps}
 
 
-def train_step_profile(step: Callable[[int], object], device: torch.device, steps: int = PROFILE_STEPS) -> dict:
-    """profile_parts of `steps` calls of a warm training step, from torch.profiler's CUDA activity
-    (kernel durations: launch gaps are not in them). A step replayed from a CUDA graph shows each
-    kernel too: CUPTI reports the kernels a graph launches."""
+def profiled_kernels(run: Callable[[int], object], device: torch.device, steps: int) -> list[tuple[str, float, int]]:
+    """(name, device microseconds, launches) of each kernel over `steps` calls run(0), run(1), ...,
+    from torch.profiler's CUDA activity: kernel durations, launch gaps not in them. A CUDA graph's
+    replays show each kernel too (CUPTI reports the kernels a graph launches)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            step(i)
+            run(i)
         torch.cuda.synchronize(device)
-    return profile_parts([(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
-                          if e.self_device_time_total > 0], steps)
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+        if us > 0 and not event.key.startswith(("ProfilerStep", "cudaGraph")):
+            kernels.append((event.key, us, event.count))
+    return kernels
+
+
+def train_step_profile(step: Callable[[int], object], device: torch.device, steps: int = PROFILE_STEPS) -> dict:
+    """profile_parts of `steps` calls of a warm training step (profiled_kernels)."""
+    return profile_parts(profiled_kernels(step, device, steps), steps)
 
 
 class HFStep:
@@ -621,27 +630,21 @@ STEP_PARTS = [("attention", ("decode_attention", "flash", "fmha", "attention", "
 def step_profile(decoder, model, batch: int, device: torch.device, steps: int = 20) -> dict:
     """Kernel time per decode step by part (attention, sampling, GEMMs, our other kernels, the
     rest), from torch.profiler over `steps` eager steps (kernel durations; launch gaps excluded)."""
-    from torch.profiler import ProfilerActivity, profile
     tokens = torch.zeros(batch, dtype=torch.long, device=device)
     pos = torch.full((batch,), 40, dtype=torch.long, device=device)
-    for _ in range(3):
+
+    def run(i: int) -> None:
         optimus.sample_next(decoder.step(tokens, pos), 0.8, 0.9)
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            optimus.sample_next(decoder.step(tokens, pos), 0.8, 0.9)
-        torch.cuda.synchronize(device)
+
+    for i in range(3):
+        run(i)
+    kernels = profiled_kernels(run, device, steps)
     parts = {name: 0.0 for name, _ in STEP_PARTS} | {"other": 0.0}
-    kernels = 0
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
-        if us <= 0 or event.key.startswith(("ProfilerStep", "cudaGraph")):
-            continue
-        kernels += event.count
-        name = event.key.lower()
-        part = next((p for p, keys in STEP_PARTS if any(k in name for k in keys)), "other")
+    for name, us, _ in kernels:
+        part = next((p for p, keys in STEP_PARTS if any(k in name.lower() for k in keys)), "other")
         parts[part] += us / steps
-    return {f"{p}_us": v for p, v in parts.items()} | {"kernel_us": sum(parts.values()), "kernels": kernels / steps}
+    return {f"{p}_us": v for p, v in parts.items()} | {
+        "kernel_us": sum(parts.values()), "kernels": sum(n for _, _, n in kernels) / steps}
 
 
 def hf_decode_seconds(model, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> float | None:

@@ -2371,8 +2371,10 @@ class Decoder:
     Building one packs the model's weights for inference (Transformer.prepare_for_inference); with
     the extension the step is then a short chain of our kernels and cuBLAS GEMMs, with nothing
     to compile (add_rms_norm, packed QKV GEMM, rope_append_attention, wo, add_rms_norm, packed
-    gate-up GEMM, swiglu, down per block; at batch 1 five launches a block, Block.decode_row). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`) and replayed, so a
-    step costs one launch instead of one per kernel; its inputs and output live in static buffers.
+    gate-up GEMM, swiglu, down per block; up to DECODE_LINEAR_MAX_ROWS rows five launches a block,
+    Block.decode_row). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`)
+    and replayed, so a step costs one launch instead of one per kernel; its inputs and output live
+    in static buffers.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README). `fused_linear` is
     Transformer.step_logits' choice of Block.decode_row: None (up to DECODE_LINEAR_MAX_ROWS rows),

@@ -7,11 +7,14 @@ dependent launch only happens inside the graph, where a kernel's wait for its pr
 as its own time in torch.profiler).
 """
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-import optimus
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
+import optimus  # noqa: E402
 
 
 def main() -> None:
@@ -30,19 +33,16 @@ def main() -> None:
         dec = optimus.Decoder(model, batch, use_graph=False if args.eager else None)
         tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         pos = torch.full((batch,), args.pos, dtype=torch.long, device=dev)
-        for _ in range(3):
+        def run(i: int) -> None:
             optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                optimus.sample_next(dec.step(tokens, pos), 0.8, 0.9)
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-        events.sort(key=lambda e: -e.self_device_time_total)
-        total = sum(e.self_device_time_total for e in events) / steps
-        print(f"batch {batch}: {total:.0f} us of kernels per step, {sum(e.count for e in events) / steps:.0f} kernels")
-        for e in events[: args.top]:
-            print(f"  {e.self_device_time_total / steps:7.1f} us {e.count / steps:5.1f}x  {e.key[:100]}")
+
+        for i in range(3):
+            run(i)
+        kernels = sorted(bench.profiled_kernels(run, dev, steps), key=lambda k: -k[1])
+        total = sum(us for _, us, _ in kernels) / steps
+        print(f"batch {batch}: {total:.0f} us of kernels per step, {sum(n for _, _, n in kernels) / steps:.0f} kernels")
+        for name, us, n in kernels[: args.top]:
+            print(f"  {us / steps:7.1f} us {n / steps:5.1f}x  {name[:100]}")
         del dec
 
 
