@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import optimus
 from conftest import DEVICES, DTYPES, requires_cuda
+from test_kernels import rotate_float64
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -52,18 +53,12 @@ def expected_float64(qkv, cos, sin, pos, k_cache, v_cache, H):
     """Written out in float64: rotate q and k at each row's position, store k and v (rounded to
     the cache's dtype, as the cache holds them) into copies, SDPA with the mask slot <= position."""
     B, KV, S, hd = k_cache.shape
-    half = hd // 2
     heads = qkv.double().view(B, H + 2 * KV, hd)
-    c, s = cos.double()[pos[:, 0]][:, None], sin.double()[pos[:, 0]][:, None]     # (B, 1, hd/2)
-
-    def rotate(x):
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-    q = rotate(heads[:, :H]).to(qkv.dtype).double()                                # (B, H, hd), q's rounding
+    c, s = cos[pos[:, 0]][:, None], sin[pos[:, 0]][:, None]                        # (B, 1, hd/2)
+    q = rotate_float64(heads[:, :H], c, s).to(qkv.dtype).double()                  # (B, H, hd), q's rounding
     keys, values = k_cache.clone(), v_cache.clone()
     rows = torch.arange(B, device=qkv.device)
-    keys[rows, :, pos[:, 0]] = rotate(heads[:, H:H + KV]).to(k_cache.dtype)
+    keys[rows, :, pos[:, 0]] = rotate_float64(heads[:, H:H + KV], c, s).to(k_cache.dtype)
     values[rows, :, pos[:, 0]] = heads[:, H + KV:].to(v_cache.dtype)
     mask = torch.arange(S, device=qkv.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, S)
     out = F.scaled_dot_product_attention(q[:, :, None], keys.double(), values.double(), attn_mask=mask,
