@@ -250,7 +250,11 @@ def test_selective_checkpointing_compiles_and_its_backward_runs_no_matmul_again(
     """Under torch.compile the partitioner decides what the backward recomputes, from the policy's
     tags. Inductor's own partitioner (min-cut) over AOT autograd's graphs, left uncompiled (Inductor's
     code generation adds nothing to what is saved): the same loss and gradients as eager without
-    checkpointing, and a backward graph with no more matmuls than that one's and no attention forward."""
+    checkpointing, and a backward graph with no more matmuls than that one's and no attention forward.
+    Full checkpointing is the control: its backward graph runs the matmuls again. Whether it also
+    runs the attention forward again is the partitioner's choice, which changed between torch
+    versions (2.14 recomputes it, 2.13 keeps its output), so that is counted eagerly only
+    (test_selective_checkpointing_recomputes_only_the_pointwise_ops)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -278,7 +282,7 @@ def test_selective_checkpointing_compiles_and_its_backward_runs_no_matmul_again(
             torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-5, atol=1e-6)
         backward[policy if checkpointing else "off"] = sum(graphs, collections.Counter())
     torch._dynamo.reset()
-    assert backward["full"]["mm"] > backward["off"]["mm"] and backward["full"]["attention"] > 0
+    assert backward["full"]["mm"] > backward["off"]["mm"]
     assert backward["selective"]["mm"] == backward["off"]["mm"] and backward["selective"]["attention"] == 0
 
 
