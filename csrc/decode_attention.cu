@@ -89,7 +89,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // Copies n consecutive cache rows (n * hd elements from src) into a padded float32 tile.
 template <typename T, int V>
-__device__ __forceinline__ void load_tile(const T* __restrict__ src, float* __restrict__ tile, int n, int hd) {
+__device__ __forceinline__ void load_tile(const T* src, float* __restrict__ tile, int n, int hd) {
   const int count = n * hd / V;
   for (int i = threadIdx.x; i < count; i += kThreads) {
     const Pack<T, V> p = reinterpret_cast<const Pack<T, V>*>(src)[i];
@@ -103,7 +103,7 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ src, float* __re
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-decode_attention_split_kernel(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+decode_attention_split_kernel(const T* q, const T* k_cache, const T* v_cache,
                               const int64_t* __restrict__ pos, float* __restrict__ part_acc,
                               float* __restrict__ part_ml, T* __restrict__ out, int* __restrict__ status,
                               const DecodeArgs a) {
@@ -200,7 +200,7 @@ decode_attention_split_kernel(const T* __restrict__ q, const T* __restrict__ k_c
 // per lane (hd / 32); the actual a.GT and a.hd / 32 may be smaller (loops guarded, unrolled).
 template <typename T, int Q, int D>
 __global__ void __launch_bounds__(kThreads)
-decode_attention_warp_kernel(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+decode_attention_warp_kernel(const T* q, const T* k_cache, const T* v_cache,
                              const int64_t* __restrict__ pos, float* __restrict__ part_acc,
                              float* __restrict__ part_ml, T* __restrict__ out, int* __restrict__ status,
                              const DecodeArgs a) {
@@ -323,7 +323,7 @@ decode_attention_warp_kernel(const T* __restrict__ q, const T* __restrict__ k_ca
 // m = -inf and weight 0; split 0 always holds slot 0, so the total weight is positive.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-decode_attention_reduce_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+decode_attention_reduce_kernel(const float* part_acc, const float* part_ml,
                                T* __restrict__ out, const DecodeArgs a) {
   pdl_wait();  // the parts are the split kernel's output
   const int64_t row = blockIdx.x;

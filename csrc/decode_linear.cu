@@ -98,8 +98,8 @@ __device__ __forceinline__ float round_to(float v) {  // the value of v once sto
 
 template <typename T, int V, int NB, bool SWIGLU, int U>
 __global__ void __launch_bounds__(kThreads) decode_linear_kernel(
-    const T* __restrict__ x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
-    const T* __restrict__ residual, T* __restrict__ out, int K, int n_out, int half, float eps) {
+    const T* x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
+    const T* residual, T* __restrict__ out, int K, int n_out, int half, float eps) {
   extern __shared__ float xs[];  // (nb, K): the rows of x the weights multiply; then (K,) the gain
   float* gain = xs + static_cast<int64_t>(nb) * K;
   __shared__ float partial[kWarps];
@@ -240,8 +240,8 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {  // i is a com
 // ks: warps per tile (a power of two dividing kMmaWarps); ldx: the row stride of the staged x.
 template <typename T, int MT, bool SWIGLU>
 __global__ void __launch_bounds__(kMmaThreads, 2) decode_linear_mma_kernel(
-    const T* __restrict__ x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
-    const T* __restrict__ residual, T* __restrict__ out, int K, int n_out, int half, float eps, int ks, int ldx) {
+    const T* x, int64_t x_stride, int nb, const T* __restrict__ w, const T* __restrict__ norm_w,
+    const T* residual, T* __restrict__ out, int K, int n_out, int half, float eps, int ks, int ldx) {
   constexpr int NW = SWIGLU ? 2 : 1;  // weight rows per output feature: gate and up, or one
   constexpr int U = kMmaUnroll / NW;
   extern __shared__ __align__(16) unsigned char smem[];

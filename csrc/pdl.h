@@ -10,6 +10,14 @@
  * kernel before may itself have started early, "earlier kernel" means any of them, not only the
  * one just before. Inside a CUDA graph the dependency becomes a programmatic edge.
  *
+ * Such a kernel is running while its inputs are written, so it must read them with coherent loads
+ * (plain or ld.global.cg): a read-only load (ld.global.nc, which the compiler emits for a const
+ * __restrict__ pointer or __ldg) is only defined for data that no kernel writes during the
+ * reader's lifetime. rope_append_attention read its QKV row through one and, inside the graph,
+ * sometimes got stale values: its logits differed from the eager step's by up to 0.7 in 11 of 12
+ * replays (H200, 2026-12-02), where with coherent loads they are bit-identical. So the pointers to
+ * an earlier kernel's output are never const __restrict__ in these kernels; weights may be.
+ *
  * launch_pdl asks for the overlap only while the stream is being captured into a CUDA graph (the
  * Decoder's step): there the weights are constant, written before the capture began. Launched
  * eagerly, a weight may be the output of the kernel just before (a test's torch.randn), which a

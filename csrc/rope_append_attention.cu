@@ -50,6 +50,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 
 #include "pdl.h"
@@ -74,6 +75,33 @@ template <typename T, int D>
 struct alignas(sizeof(T) * D) Row {
   T v[D];
 };
+
+// A row of the previous kernel's output, loaded through L2 (ld.global.cg): this kernel starts
+// before that output is written (programmatic launch), and a read-only (non-coherent) load of it
+// is only defined for data that no kernel writes while this one runs.
+template <typename T, int D>
+__device__ __forceinline__ Row<T, D> load_cg(const Row<T, D>* p) {
+  Row<T, D> r;
+  constexpr int bytes = sizeof(Row<T, D>);  // 2 to 32
+  if constexpr (bytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < bytes / 16; ++i) {
+      const int4 v = __ldcg(reinterpret_cast<const int4*>(p) + i);
+      memcpy(reinterpret_cast<char*>(&r) + 16 * i, &v, 16);
+    }
+  } else if constexpr (bytes == 8) {
+    const int2 v = __ldcg(reinterpret_cast<const int2*>(p));
+    memcpy(&r, &v, bytes);
+  } else if constexpr (bytes == 4) {
+    const int v = __ldcg(reinterpret_cast<const int*>(p));
+    memcpy(&r, &v, bytes);
+  } else {
+    static_assert(bytes == 2, "rows of 2 to 32 bytes");
+    const unsigned short v = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    memcpy(&r, &v, bytes);
+  }
+  return r;
+}
 
 struct Args {
   int H, KV, G, S, limit, hd;  // limit = min(S, S_table)
@@ -158,8 +186,8 @@ rope_append_attention_kernel(const T* __restrict__ qkv, const float* __restrict_
   const R* row = reinterpret_cast<const R*>(qkv + b * a.qkv_stride) + lane;  // the lane's dims of head 0
   R q_raw[G];
 #pragma unroll
-  for (int g = 0; g < G; ++g) q_raw[g] = row[(kvh * G + g) * rows_per_slot];
-  const R k_raw = row[(a.H + kvh) * rows_per_slot], v_raw = row[(a.H + a.KV + kvh) * rows_per_slot];
+  for (int g = 0; g < G; ++g) q_raw[g] = load_cg(row + (kvh * G + g) * rows_per_slot);
+  const R k_raw = load_cg(row + (a.H + kvh) * rows_per_slot), v_raw = load_cg(row + (a.H + a.KV + kvh) * rows_per_slot);
   float qr[G][D], kn[D], vn[D];
 #pragma unroll
   for (int g = 0; g < G; ++g) {

@@ -118,7 +118,7 @@ __device__ __forceinline__ void rotate(float (&x1)[V], float (&x2)[V], const flo
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-rope_kv_append_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+rope_kv_append_kernel(const T* q, const T* k, const T* v,
                       const float* __restrict__ cos, const float* __restrict__ sin, const int64_t* __restrict__ pos,
                       T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
                       int* __restrict__ status, const RopeArgs a) {
