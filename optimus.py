@@ -2320,6 +2320,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     if temperature == 0:
         return logits.argmax(-1)
     race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=generator)
+    return sample_with_race(logits, race, temperature, top_p, top_k, impl)
+
+
+def sample_with_race(logits: torch.Tensor, race: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                     impl: str = "auto") -> torch.Tensor:
+    """sample_next's draw with its race given: race (B, V) float32 contiguous, each E ~ Exp(1)
+    (drawn by the caller: Decoder.sample_step draws it outside its CUDA graph, from the caller's
+    generator, as sample_next would). temperature 0 is argmax and ignores race."""
+    if temperature == 0:
+        return logits.argmax(-1)
     if impl == "ext" or (impl == "auto" and sampling_kernel_wins(logits.device) and
                          resolve_impl(impl, logits.device) == "ext"):
         return torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
@@ -2365,6 +2375,9 @@ class CacheRows:
     update, attend = KVCache.update, KVCache.attend  # the same kernels, into the views
 
 
+SAMPLING_GRAPHS = 4  # Decoder.sample_step's graphs kept, one per sampling setting (the REPL can change it)
+
+
 class Decoder:
     """A model with static KV caches for `batch` sequences: prefill, then one token per step.
 
@@ -2374,7 +2387,8 @@ class Decoder:
     gate-up GEMM, swiglu, down per block; up to DECODE_LINEAR_MAX_ROWS rows five launches a block,
     Block.decode_row). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`)
     and replayed, so a step costs one launch instead of one per kernel; its inputs and output live
-    in static buffers.
+    in static buffers. generate() steps through sample_step instead: the same step with the
+    sampling after it, in one graph per sampling setting.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README). `fused_linear` is
     Transformer.step_logits' choice of Block.decode_row: None (up to DECODE_LINEAR_MAX_ROWS rows),
@@ -2390,6 +2404,9 @@ class Decoder:
         self.caches = [KVCache(batch, model.cfg, model.tok_emb.weight.dtype, device) for _ in model.blocks]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)       # (B, 1)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)          # (B, 1)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)           # (B,) sample_step's
+        self.race = None                                                           # (B, V) float32
+        self.sampling_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.forward_step = self._step
         if compile:  # the CUDA graph below launches the kernels: Inductor must not add its own graphs
             mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
@@ -2445,6 +2462,71 @@ class Decoder:
             return self.forward_step()
         self.graph.replay()
         return self.logits
+
+    @torch.no_grad()
+    def begin(self, tokens: torch.Tensor, pos: torch.Tensor, done: torch.Tensor, vocab: int) -> None:
+        """Set up sample_step: the first new tokens (B,), their positions (B,), which rows are done
+        (B,) bool, and the logits' width."""
+        self.tokens.copy_(tokens[:, None])
+        self.pos.copy_(pos[:, None])
+        self.done.copy_(done)
+        if self.race is None or self.race.shape[1] != vocab:
+            self.race = torch.empty(self.batch, vocab, dtype=torch.float32, device=self.tokens.device)
+
+    def _sample_step(self, temperature: float, top_p: float, top_k: int, eot_id: int | None,
+                     impl: str) -> torch.Tensor:
+        logits = self.forward_step()                                                         # (B, V)
+        token = sample_with_race(logits, self.race, temperature, top_p, top_k, impl)        # (B,)
+        if eot_id is not None:
+            token = token.masked_fill(self.done, eot_id)
+            self.done |= token == eot_id
+        self.tokens.copy_(token[:, None])
+        self.pos += 1
+        return token
+
+    @torch.no_grad()
+    def sample_step(self, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
+                    eot_id: int | None, impl: str = "auto") -> torch.Tensor:
+        """One step of generate() after its first token: the logits of the tokens set by begin() or
+        by the last call, the next tokens sampled from them (sample_next's draw: the race comes from
+        `generator` here, outside any graph, as sample_next draws it), the rows that are done kept
+        at eot_id; returns those (B,) tokens, which are then the next call's input. On CUDA this is
+        one replay of a graph of the whole step (the forward, the sampling, the masks and the
+        position's increment), one graph per sampling setting, captured at its first use (the
+        CLI's warm-up captures its own); outside it only the race's draw and the copy of the
+        tokens out. Before, each step launched about ten small kernels around the forward's graph
+        (the draw, 4-6 sampling passes, the masks, the copies of tokens and positions)."""
+        if temperature > 0:
+            self.race.exponential_(1, generator=generator)
+        key = (float(temperature), float(top_p), int(top_k), eot_id, impl)
+        if self.graph is None:
+            return self._sample_step(*key)
+        if key not in self.sampling_graphs:
+            if len(self.sampling_graphs) >= SAMPLING_GRAPHS:  # the oldest setting's graph goes
+                del self.sampling_graphs[next(iter(self.sampling_graphs))]
+            self.sampling_graphs[key] = self._capture_sampling(key)
+        graph, token = self.sampling_graphs[key]
+        graph.replay()
+        return token.clone()  # the graph's output is rewritten by the next replay
+
+    def _capture_sampling(self, key: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """sample_step's graph for one setting. Its two warm-up steps (kernels load, libraries plan)
+        run for real: the inputs they change are put back after them, and the cache slots they
+        write, at pos and pos + 1 (< max_seq_len: generate() steps there next), are written again
+        by the next steps before any step reads them."""
+        saved = [t.clone() for t in (self.tokens, self.pos, self.done)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._sample_step(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, old in zip((self.tokens, self.pos, self.done), saved):
+            t.copy_(old)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            token = self._sample_step(*key)
+        return graph, token
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """One short answer, thrown away, read the way `answer` reads one (read_behind: the pinned
@@ -2550,13 +2632,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         padded[i, : len(p)] = torch.tensor(p)
     logits = decoder.prefill(padded.to(device), lengths)
     sample_impl = "auto" if model.kernels(device, False) == "ext" else "ref"
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    token = sample_next(logits, temperature, top_p, top_k, generator, impl=sample_impl)
+    done = token == eot_id if eot_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    decoder.begin(token, lengths, done, logits.shape[1])
+    done = decoder.done  # sample_step updates it
     all_done = None  # HostCopy of done.all() at the last check
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, top_k, generator, impl=sample_impl)
-        if eot_id is not None:
-            token = token.masked_fill(done, eot_id)
-            done |= token == eot_id
+        if i > 0:  # the step, the sampling and the masks: one graph replay on CUDA
+            token = decoder.sample_step(temperature, top_p, top_k, generator, eot_id, sample_impl)
         yield token
         if i + 1 == max_new_tokens:
             break
@@ -2564,7 +2647,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             if all_done is not None and bool(all_done.wait()):
                 break
             all_done = HostCopy(done.all())
-        logits = decoder.step(token, lengths + i)
     decoder.check()
 
 

@@ -101,6 +101,65 @@ def test_warm_up_leaves_no_trace_in_the_next_answer():
     assert torch.equal(seeded(), before)  # its draws come from its own generator
 
 
+def sampled_step_by_step(model, decoder, prompts, n, settings, generator, eot_id=optimus.EOT_ID):
+    """generate()'s draws the way it made them before Decoder.sample_step: sample_next on each
+    step's logits (decoder.step, no graph of the sampling), the rows that ended kept at eot_id."""
+    lengths = torch.tensor([len(p) for p in prompts], device=model.tok_emb.weight.device)
+    width = -(-max(map(len, prompts)) // optimus.PREFILL_BUCKET) * optimus.PREFILL_BUCKET
+    padded = torch.full((len(prompts), width), eot_id or 0, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p)
+    logits = decoder.prefill(padded.to(lengths.device), lengths)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=lengths.device)
+    out = []
+    with torch.no_grad():
+        for i in range(n):
+            token = optimus.sample_next(logits, *settings, generator)
+            if eot_id is not None:
+                token = token.masked_fill(done, eot_id)
+                done |= token == eot_id
+            out.append(token)
+            logits = decoder.step(token, lengths + i)
+    return torch.stack(out, 1)                                                      # (B, n)
+
+
+def generated(model, decoder, prompts, n, settings, generator, eot_id=optimus.EOT_ID):
+    return torch.stack(list(optimus.generate(model, prompts, n, *settings, generator, eot_id, decoder=decoder)), 1)
+
+
+@pytest.mark.parametrize("settings", [(0.8, 0.9, 0), (1.0, 1.0, 7), (0.0, 1.0, 0)], ids=["top-p", "top-k", "greedy"])
+def test_sample_step_draws_what_sample_next_on_each_step_did(settings):
+    """generate() samples through Decoder.sample_step (on CUDA one graph of step and sampling):
+    same tokens, same draws from a seeded generator, as sample_next after every step."""
+    model = tiny_model(4)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 12)]
+    fast = generated(model, optimus.Decoder(model, 2), prompts, 20, settings, torch.Generator().manual_seed(3))
+    slow = sampled_step_by_step(model, optimus.Decoder(model, 2), prompts, 20, settings,
+                                torch.Generator().manual_seed(3))
+    assert torch.equal(fast, slow)
+    if settings[0] > 0:  # the draws matter: another seed gives other tokens
+        other = generated(model, optimus.Decoder(model, 2), prompts, 20, settings, torch.Generator().manual_seed(4))
+        assert not torch.equal(other, fast)
+
+
+@requires_cuda
+def test_cuda_sample_step_graphs_draw_what_sample_next_on_eager_steps_did():
+    """The default model in bf16 on CUDA: generate()'s graph of step + sampling (one per setting,
+    captured at first use, its warm-up undone) gives the tokens of eager steps and sample_next with
+    the same seeded generator; two settings on one decoder, each used twice. Top-p is left out: its
+    boundary comes from float atomics, whose order varies."""
+    torch.manual_seed(0)
+    model_cfg, _ = optimus.make_configs("base")
+    model = optimus.Transformer(model_cfg).cuda().to(torch.bfloat16).eval()
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (16, 40)]
+    decoder, eager = optimus.Decoder(model, 2), optimus.Decoder(model, 2, use_graph=False)
+    for settings in [(0.8, 1.0, 0), (1.0, 1.0, 50), (0.8, 1.0, 0), (0.0, 1.0, 0)]:
+        fast = generated(model, decoder, prompts, 48, settings, torch.Generator("cuda").manual_seed(5))
+        slow = sampled_step_by_step(model, eager, prompts, 48, settings, torch.Generator("cuda").manual_seed(5))
+        assert torch.equal(fast, slow), settings
+    assert len(decoder.sampling_graphs) == 3
+
+
 def test_compiled_step_generates_what_the_full_forward_passes_do():
     model = tiny_model(3)
     prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (4, 9)]
