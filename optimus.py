@@ -2530,8 +2530,9 @@ class Decoder:
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """One short answer, thrown away, read the way `answer` reads one (read_behind: the pinned
-        copies, the end-of-text masks and stop checks), then on CUDA one prefill of every padded
-        prompt width, and a wait for all of it. A kernel's first launch loads it, a pinned buffer's
+        copies, the end-of-text masks and stop checks; it captures sample_step's graph for these
+        settings), then on CUDA one prefill of every padded prompt width, and a wait for all of
+        it. A kernel's first launch loads it, a pinned buffer's
         first allocation maps it, and each new prefill width makes the attention and matmul
         libraries plan anew (H200: the first answer to a 100-token prompt, width 128, waited 80 ms
         for its first token, the next ones 7 ms): without this, the first answer's tokens/s and
