@@ -657,3 +657,18 @@ def test_page_streams_an_answer_in_a_headless_browser(server, client, tmp_path):
         assert server.engine.done[-1].finish == "cancelled"
     finally:
         driver.quit()
+
+
+def test_engine_freezes_what_survives_its_start(enc):
+    """A request's garbage collections scan only objects newer than the engine (as the CLI's
+    answer_decoder): the objects alive at its start are in the frozen generation."""
+    import gc
+    gc.unfreeze()
+    model_cfg, _ = optimus.make_configs("tiny", impl="ref")
+    model = optimus.Transformer(model_cfg).eval()
+    assert gc.get_freeze_count() == 0
+    engine = serve.Engine(model, enc, 1)
+    try:
+        assert gc.get_freeze_count() > 1000  # torch's and the model's objects, at least
+    finally:
+        engine.stop()
