@@ -15,8 +15,10 @@
  * __restrict__ pointer or __ldg) is only defined for data that no kernel writes during the
  * reader's lifetime. rope_append_attention read its QKV row through one and, inside the graph,
  * sometimes got stale values: its logits differed from the eager step's by up to 0.7 in 11 of 12
- * replays (H200, 2026-12-02), where with coherent loads they are bit-identical. So the pointers to
- * an earlier kernel's output are never const __restrict__ in these kernels; weights may be.
+ * replays (H200, 2026-12-02), where with coherent loads they are bit-identical. So these kernels
+ * read an earlier kernel's output through pointers that are not const __restrict__, or with
+ * __ldcg (rope_append_attention's load_cg); weights, tables and positions written before the
+ * step may still take the read-only path.
  *
  * launch_pdl asks for the overlap only while the stream is being captured into a CUDA graph (the
  * Decoder's step): there the weights are constant, written before the capture began. Launched
