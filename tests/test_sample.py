@@ -587,10 +587,12 @@ def test_temperature_zero_and_tiny_temperatures_are_greedy(device, impl):
 
 
 @requires_cuda
-def test_cuda_sampling_kernel_beyond_shared_memory_uses_its_workspace():
-    """A vocabulary too large to keep in shared memory (80,000 floats) takes the global path."""
+@pytest.mark.parametrize("V", [80_000, 400_000], ids=["cluster", "chain"])
+def test_cuda_sampling_kernel_on_long_rows(V):
+    """80,000 tokens a row still fit a cluster's shared memory (16 slices of 5,000 tokens);
+    400,000 do not, and take the chain of launches with its histograms in global memory."""
     optimus.load_extension()
-    logits = torch.randn(8, 80_000, device="cuda") * 2
+    logits = torch.randn(8, V, device="cuda") * 2
     race = torch.empty_like(logits).exponential_(1)
     ours = torch.ops.optimus.sample(logits, race, 0.9, 0, 0.9)
     ref = (optimus.logits_to_probs(logits, 0.9, 0.9, 0) / race).argmax(-1)
@@ -640,12 +642,22 @@ def test_cuda_default_model_bf16_fast_path_greedy_equals_full_forward_passes():
 
 
 # ----------------------------------------------------------------------------- the CUDA kernel's row split
-# On CUDA a row is split over many blocks when the batch is small (about two blocks per SM in all,
-# at least 512 tokens a block): these cases take that path and its histograms in global memory.
+# On CUDA a row is split over several blocks (at least 512 tokens a block): on sm_90 the blocks of
+# one cluster, which keep the row in shared memory (clusters of 16 up to about 330,000 tokens, of 8
+# about 165,000); on older GPUs, and for longer rows, a chain of launches over about two blocks per
+# SM in all, with histograms in global memory. ROW_PATHS takes both on an H200.
+CHAIN_V = 400_000
+ROW_PATHS = pytest.mark.parametrize("V", [5000, CHAIN_V], ids=["cluster", "chain"])
+GPT2_ROW_PATHS = pytest.mark.parametrize("V", [50257, CHAIN_V], ids=["cluster", "chain"])
+
 
 def peaked_row(V, device, seed):
-    """Flat logits over V tokens with 30 tokens lifted far above them: most mass on 30 tokens, the
-    flat rest about 5%, so a top-p of 0.97 ends among the flat tokens (one histogram bin)."""
+    """Flat logits over V tokens with 30 tokens lifted far above them: at V = 5,000 most mass on
+    the 30 tokens, the flat rest about 5% (at 400,000 about 80%), so a top-p of 0.97 ends among
+    the flat tokens (one histogram bin). The lift stays 8 at any V: the exponential race cannot
+    represent a token whose weight is under about 1e-7 of the winner's (torch's float32 Exp(1)
+    draws are not resolved that close to 0), so lifting by log V would leave the flat tokens
+    undrawn."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(V, generator=g) * 0.5
     logits[torch.randperm(V, generator=g)[:30]] += 8 + torch.randn(30, generator=g)
@@ -653,15 +665,16 @@ def peaked_row(V, device, seed):
 
 
 @requires_cuda
+@ROW_PATHS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature, top_p, top_k", [(0.8, 0.9, 0), (1.0, 0.97, 0), (1.0, 1.0, 50), (0.8, 1.0, 0),
                                                        (1.2, 0.95, 20)])
-def test_cuda_split_rows_draw_from_logits_to_probs(dtype, temperature, top_p, top_k):
-    """16 rows of a 5,000-token vocabulary (10 blocks a row): 40,000 draws against the exact
-    probabilities, tokens under 1e-3 pooled; every pool within 5 sigma, nothing drawn outside
-    the kept set, and total variation within 0.03 (about 3x its sampling noise here)."""
+def test_cuda_split_rows_draw_from_logits_to_probs(V, dtype, temperature, top_p, top_k):
+    """16 rows of a V-token vocabulary: 40,000 draws against the exact probabilities, tokens
+    under 1e-3 pooled; every pool within 5 sigma, nothing drawn outside the kept set, and total
+    variation within 0.03 (about 3x its sampling noise here)."""
     optimus.load_extension()
-    V, rows, calls = 5000, 16, 2500
+    rows, calls = 16, 2500
     logits = peaked_row(V, "cuda", 11).to(dtype)
     expected = optimus.logits_to_probs(logits[None].double(), temperature, top_p, top_k)[0].cpu().numpy()
     generator = torch.Generator("cuda").manual_seed(2)
@@ -681,12 +694,13 @@ def test_cuda_split_rows_draw_from_logits_to_probs(dtype, temperature, top_p, to
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 16])
-def test_cuda_split_rows_pick_the_reference_token_for_the_same_noise(dtype, B):
-    """Batch 1, 3 and 16 of the GPT-2 vocabulary (99 to 17 blocks a row), rows strided in a wider
+@GPT2_ROW_PATHS
+def test_cuda_split_rows_pick_the_reference_token_for_the_same_noise(dtype, B, V):
+    """Batch 1, 3 and 16 of the GPT-2 vocabulary (and of a longer one), rows strided in a wider
     buffer (the LM head's padded output): with the same Exp(1) noise the kernel picks
     argmax(logits_to_probs / noise) on all draws but those where rounding moves a boundary."""
     optimus.load_extension()
-    V, trials = 50257, 12
+    trials = 12
     agree = total = 0
     for trial in range(trials):
         wide = torch.randn(B, V + 47, device="cuda", generator=torch.Generator("cuda").manual_seed(trial))
@@ -704,11 +718,11 @@ def test_cuda_split_rows_pick_the_reference_token_for_the_same_noise(dtype, B):
 
 
 @requires_cuda
-def test_cuda_split_rows_keep_ties_and_odd_rows():
+@GPT2_ROW_PATHS
+def test_cuda_split_rows_keep_ties_and_odd_rows(V):
     """Ties across blocks at the top-k and top-p boundaries, a row of -inf but one token, a row
-    all NaN (token 0), and one token holding all the mass in a flat row of 50,257."""
+    all NaN (token 0), and one token holding all the mass in a flat row."""
     optimus.load_extension()
-    V = 50257
     logits = torch.full((4, V), -5.0, device="cuda")
     tied = torch.arange(0, V, 997, device="cuda")   # 51 tokens tied at the top, spread over every block
     logits[0, tied] = 3.0
@@ -728,18 +742,19 @@ def test_cuda_split_rows_keep_ties_and_odd_rows():
 
 
 @requires_cuda
-def test_cuda_sampling_kernel_replays_in_a_cuda_graph():
-    """The launch chain captured in a CUDA graph: replays draw what eager calls draw for the same
-    noise, after the logits change under the graph."""
+@GPT2_ROW_PATHS
+def test_cuda_sampling_kernel_replays_in_a_cuda_graph(V):
+    """The kernel (cluster or chain) captured in a CUDA graph: replays draw what eager calls draw
+    for the same noise, after the logits change under the graph."""
     optimus.load_extension()
-    logits = torch.randn(2, 50257, device="cuda").to(torch.bfloat16)
-    race = torch.empty(2, 50257, device="cuda").exponential_(1)
+    logits = torch.randn(2, V, device="cuda").to(torch.bfloat16)
+    race = torch.empty(2, V, device="cuda").exponential_(1)
     out = torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9)
     for _ in range(5):
-        logits.copy_(torch.randn(2, 50257, device="cuda"))
+        logits.copy_(torch.randn(2, V, device="cuda"))
         race.exponential_(1)
         graph.replay()
         assert torch.equal(out, torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9))

@@ -2,15 +2,17 @@
 
 Times `sample_next` (the Exp(1) noise included) with impl="ref" (logits_to_probs: sort, softmax,
 cumsum) and impl="ext" (csrc/sample.cu), and the kernel alone (`torch.ops.optimus.sample` on fixed
-noise): each timed call is one replay of a CUDA graph of CALLS calls, CUDA events around it,
-after a warm-up, the median of REPEATS replays, divided by CALLS. Logits: bf16 rows of the GPT-2
+noise: on sm_90 the cluster kernel, and beside it the chain of launches that older GPUs take,
+forced by OPTIMUS_SAMPLE_CLUSTER=0): each timed call is one replay of a CUDA graph of CALLS calls,
+CUDA events around it, after a warm-up, the median of REPEATS replays, divided by CALLS. Logits: bf16 rows of the GPT-2
 vocabulary as the LM head leaves them (a view of rows padded to 50,304), flat (random weights:
-std 0.1) or peaked (std 3). Then the draws: 20,000 of them from a 5,000-token row (the split-row
-path: 10 blocks a row) against logits_to_probs' exact probabilities, total variation printed
+std 0.1) or peaked (std 3). Then the draws: 20,000 of them from a 5,000-token row (split over
+several blocks) against logits_to_probs' exact probabilities, total variation printed
 with the reference's own as the noise level.
 
     python3 tools/bench_sample.py
 """
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -53,7 +55,8 @@ def time_graph(fn) -> float:
 
 
 def timings() -> list[str]:
-    lines = [f"{'batch':>5} {'logits':>6} {'setting':<26} {'ref us':>8} {'ext us':>8} {'kernel us':>9} {'ref/ext':>7}"]
+    lines = [f"{'batch':>5} {'logits':>6} {'setting':<26} {'ref us':>8} {'ext us':>8} {'kernel us':>9} {'chain us':>8} "
+             f"{'ref/ext':>7}"]
     for batch in (1, 16):
         for name, std in (("flat", 0.1), ("peaked", 3.0)):
             logits = (torch.randn(batch, PADDED, device="cuda") * std).to(torch.bfloat16)[:, :V]
@@ -62,7 +65,11 @@ def timings() -> list[str]:
                 ref = time_graph(lambda: optimus.sample_next(logits, t, p, k, impl="ref"))
                 ext = time_graph(lambda: optimus.sample_next(logits, t, p, k, impl="ext"))
                 kernel = time_graph(lambda: torch.ops.optimus.sample(logits, race, t, k, p))
-                lines.append(f"{batch:>5} {name:>6} {label:<26} {ref:>8.1f} {ext:>8.1f} {kernel:>9.1f} {ref / ext:>7.2f}")
+                os.environ["OPTIMUS_SAMPLE_CLUSTER"] = "0"  # read at each launch: the capture takes the chain
+                chain = time_graph(lambda: torch.ops.optimus.sample(logits, race, t, k, p))
+                del os.environ["OPTIMUS_SAMPLE_CLUSTER"]
+                lines.append(f"{batch:>5} {name:>6} {label:<26} {ref:>8.1f} {ext:>8.1f} {kernel:>9.1f} {chain:>8.1f} "
+                             f"{ref / ext:>7.2f}")
     noise = time_graph(lambda: torch.empty(1, V, device="cuda").exponential_(1))
     lines.append(f"the Exp(1) noise alone (batch 1): {noise:.1f} us")
     return lines
