@@ -63,11 +63,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSlots = 4;                       // slots per warp per group: their rows are loaded together
 constexpr int kMinSplitLen = kWarps * kSlots;   // a split is a whole number of groups for every warp
 // The splits aim at this many blocks per SM over the whole batch: 32 slots a split at batch 1 and
-// 64 at batch 16 for the default model (512 slots). H200, position 271, the op alone replayed
+// 128 at batch 16 for the default model (512 slots). H200, position 271, the op alone replayed
 // from a graph, split lengths forced: batch 1 5.1 us at 32, 6.1 at 64, 8.2 at 128; batch 16 11.5
-// at 32, 10.1 at 64, 8.4 at 128. One block per SM would give 32 and 128, the best of both, but
-// the tests have not run under that rule on a GPU yet.
-constexpr int kBlocksPerSm = 2;
+// at 32, 10.1 at 64, 8.4 at 128 (two blocks per SM gave 64 there).
+constexpr int kBlocksPerSm = 1;
 constexpr int kMaxSplits = 1024;                // keeps the last block's merge short
 constexpr int kMergeBatch = 16;                 // parts loaded at once by the merging block
 
