@@ -2413,22 +2413,30 @@ class Decoder:
             self.forward_step = torch.compile(self._step, mode=mode)  # graph breaks: CPU ref bounds checks
         self.graph = None
         if use_graph if use_graph is not None else device.type == "cuda":
-            self.graph = self._capture()
+            # The capture writes slot 0 of the caches: prefill rewrites it before any read.
+            self.graph, self.logits = self._capture(self.forward_step)
 
     def _step(self) -> torch.Tensor:
         return self.model.step_logits(self.tokens, self.pos, self.caches, self.fused_linear)  # (B, V)
 
-    def _capture(self):
+    def _capture(self, fn: typing.Callable[[], torch.Tensor],
+                 restore: tuple[torch.Tensor, ...] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """fn's CUDA graph and its output. Two warm-up calls run first, for real, on a side stream
+        (kernels load, libraries plan, workspaces settle); the tensors in `restore` are put back
+        after them."""
+        saved = [t.clone() for t in restore]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels load, workspaces settle
+        with torch.cuda.stream(stream):
             for _ in range(2):
-                self.forward_step()
+                fn()
         torch.cuda.current_stream().wait_stream(stream)
+        for t, old in zip(restore, saved):
+            t.copy_(old)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self.forward_step()
-        return graph  # the capture wrote slot 0 of the caches: prefill rewrites it before any read
+            out = fn()
+        return graph, out
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -2510,23 +2518,10 @@ class Decoder:
         return token.clone()  # the graph's output is rewritten by the next replay
 
     def _capture_sampling(self, key: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """sample_step's graph for one setting. Its two warm-up steps (kernels load, libraries plan)
-        run for real: the inputs they change are put back after them, and the cache slots they
-        write, at pos and pos + 1 (< max_seq_len: generate() steps there next), are written again
-        by the next steps before any step reads them."""
-        saved = [t.clone() for t in (self.tokens, self.pos, self.done)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._sample_step(*key)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, old in zip((self.tokens, self.pos, self.done), saved):
-            t.copy_(old)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            token = self._sample_step(*key)
-        return graph, token
+        """sample_step's graph for one setting. The inputs its warm-up steps change are put back;
+        the cache slots they write, at pos and pos + 1 (< max_seq_len: generate() steps there
+        next), are written again by the next steps before any step reads them."""
+        return self._capture(lambda: self._sample_step(*key), (self.tokens, self.pos, self.done))
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """One short answer, thrown away, read the way `answer` reads one (read_behind: the pinned

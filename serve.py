@@ -312,6 +312,9 @@ class Engine:
         self.decoder = optimus.Decoder(model, max_batch, compile=compile)
         if self.device.type == "cuda":  # load every kernel before the first request is timed
             self.decoder.warm_up()
+            # generate()'s graph of the step with its sampling: the engine samples each group of
+            # rows outside the step's graph (its rows have settings of their own), so it goes.
+            self.decoder.sampling_graphs.clear()
         # As the CLI does (optimus.answer_decoder): what torch and the model leave is frozen, so a
         # garbage collection during a request scans only newer objects, not all ~320,000 of them
         # (a full one took 370-400 ms on the development machine's CPU).

@@ -256,6 +256,7 @@ def test_cuda_concurrent_engine_answers_equal_each_alone(checkpoint, enc):
     lengths token for token, and seeded ones, equal the same jobs run alone."""
     model, _, _ = optimus.inference_model(str(checkpoint), "cuda", "auto")
     engine = serve.Engine(model, enc, 4)
+    assert engine.decoder.graph is not None and not engine.decoder.sampling_graphs  # warm-up's sampling graph freed
     torch.manual_seed(3)
     prompts = [torch.randint(0, optimus.EOT_ID, (n,)).tolist() for n in (1, 4, 9, 17, 30, 50, 70, 3)]
     lengths = [20, 64, 12, 100, 33, 7, 90, 1]
