@@ -162,6 +162,7 @@ __device__ __forceinline__ void histogram_add(bool valid, float v, uint32_t key,
   }
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // the cluster kernel's only
 // The same into the warp's own histogram `bins` (counts, or masses as float bits), which no other
 // warp touches: each lane its own shared-memory atomic add. H200, one bf16 GPT-2 row, top-p 0.9,
 // the cluster kernel alone: 19.5 us (8 blocks), against 34.3 us for a round of shuffles per
@@ -176,6 +177,7 @@ __device__ __forceinline__ void warp_histogram_add(bool valid, float v, uint32_t
   if (counting) atomicAdd(&bins[digit], 1u);
   else atomicAdd(reinterpret_cast<float*>(&bins[digit]), w);
 }
+#endif
 
 // Token i's entry in the race: (score bits << 32) | ~i, score w / race_i (race_i read only for a
 // kept token: x >= x_kth, w > 0, w >= tau); 0 otherwise. The largest entry is the winner (the
@@ -376,7 +378,6 @@ constexpr int kClusterBlocks = 16;      // the most blocks of a cluster (above 8
 constexpr int kPortableClusterBlocks = 8;
 constexpr int kClusterThreads = 1024;
 constexpr int kClusterWarps = kClusterThreads / 32;
-constexpr int kClusterLoads = 8;        // tokens a thread loads at once (a whole slice of the GPT-2 row)
 constexpr int kClusterHistWords = (kClusterWarps + 2 * kClusterBlocks) * kBins;  // dynamic smem before the slice
 
 template <typename T>
@@ -409,6 +410,7 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
   if (tid == 0) st = RowState{};
   pdl_wait();
 
+  constexpr int kClusterLoads = 8;  // tokens a thread loads at once (a whole slice of the GPT-2 row)
   uint32_t kmax = 0;
   for (int base = 0; base < n; base += kClusterThreads * kClusterLoads) {
     float v[kClusterLoads], e[kClusterLoads];
@@ -504,11 +506,12 @@ bool launch_cluster(const at::Tensor& logits, const at::Tensor& race, SampleArgs
   const int device = c10::cuda::current_device();
   // Per device, once: the dynamic shared memory a block may have (0: no clusters here), and the
   // largest cluster that can be resident (kClusterBlocks if the GPU has room for one, else 8).
-  static int room[64] = {};
-  static int largest[64] = {};
-  static int sms[64] = {};
-  static bool known[64] = {};
-  if (device < 0 || device >= 64) return false;
+  constexpr int kDevices = 64;  // devices remembered (a process seeing more takes the chain past them)
+  static int room[kDevices] = {};
+  static int largest[kDevices] = {};
+  static int sms[kDevices] = {};
+  static bool known[kDevices] = {};
+  if (device < 0 || device >= kDevices) return false;
   if (!known[device]) {
     int clusters = 0, optin = 0;
     cudaFuncAttributes attributes{};
