@@ -4,11 +4,11 @@ Times `sample_next` (the Exp(1) noise included) with impl="ref" (logits_to_probs
 cumsum) and impl="ext" (csrc/sample.cu), and the kernel alone (`torch.ops.optimus.sample` on fixed
 noise: on sm_90 the cluster kernel, and beside it the chain of launches that older GPUs take,
 forced by OPTIMUS_SAMPLE_CLUSTER=0): each timed call is one replay of a CUDA graph of CALLS calls,
-CUDA events around it, after a warm-up, the median of REPEATS replays, divided by CALLS. Logits: bf16 rows of the GPT-2
-vocabulary as the LM head leaves them (a view of rows padded to 50,304), flat (random weights:
-std 0.1) or peaked (std 3). Then the draws: 20,000 of them from a 5,000-token row (split over
-several blocks) against logits_to_probs' exact probabilities, total variation printed
-with the reference's own as the noise level.
+CUDA events around it, after a warm-up, the median of REPEATS replays, divided by CALLS. Logits:
+bf16 rows of the GPT-2 vocabulary as the LM head leaves them (a view of rows padded to 50,304),
+flat (random weights: std 0.1) or peaked (std 3). Then the draws: 20,000 of them from a
+5,000-token row (split over several blocks) against logits_to_probs' exact probabilities, total
+variation printed with the reference's own as the noise level.
 
     python3 tools/bench_sample.py
 """
