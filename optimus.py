@@ -435,6 +435,20 @@ def decode_linear_ref(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.
     return y if residual is None else residual + y
 
 
+def decode_tail_ref(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm2: torch.Tensor, wgu: torch.Tensor,
+                    wdown: torch.Tensor, next_norm: torch.Tensor | None = None, next_wqkv: torch.Tensor | None = None,
+                    eps: float = 1e-5, next_eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """What follows a decoding step's attention output y (B, A) in a block whose input was x (B, D),
+    as decode_linear steps: wo + residual, norm2 + gate-up + SwiGLU, down + residual; then the next
+    block's norm + QKV projection (next_wqkv (Nq, D); without it qkv is (B, 0)). Returns (out, qkv)."""
+    x = decode_linear_ref(y, wo, None, x, eps)                   # (B, D)
+    h = decode_linear_ref(x, wgu, norm2, None, eps, swiglu=True)  # (B, Hd)
+    x = decode_linear_ref(h, wdown, None, x, eps)                # (B, D)
+    if next_wqkv is None:
+        return x, x.new_empty((x.shape[0], 0))
+    return x, decode_linear_ref(x, next_wqkv, next_norm, None, next_eps)
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -487,6 +501,10 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("optimus::decode_linear")
     def _(x, weight, norm_weight, residual, eps, swiglu):
         return x.new_empty((x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0]))
+
+    @torch.library.register_fake("optimus::decode_tail")
+    def _(y, x, wo, norm2, wgu, wdown, next_norm, next_wqkv, eps, next_eps):
+        return x.new_empty(x.shape), x.new_empty((x.shape[0], 0 if next_wqkv is None else next_wqkv.shape[0]))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -806,6 +824,15 @@ def decode_linear(x, weight, norm_weight=None, residual=None, eps: float = 1e-5,
     return decode_linear_ref(x, weight, norm_weight, residual, eps, swiglu)
 
 
+def decode_tail(y, x, wo, norm2, wgu, wdown, next_norm=None, next_wqkv=None, eps: float = 1e-5,
+                next_eps: float = 1e-5, impl: str = "ref") -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's projections after its attention, and the next block's QKV (see decode_tail_ref):
+    on CUDA with one row one persistent launch instead of four decode_linear launches."""
+    if impl == "ext":
+        return tuple(torch.ops.optimus.decode_tail(y, x, wo, norm2, wgu, wdown, next_norm, next_wqkv, eps, next_eps))
+    return decode_tail_ref(y, x, wo, norm2, wgu, wdown, next_norm, next_wqkv, eps, next_eps)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -924,18 +951,19 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, impl, cache, pos, mask)
         return x + self.mlp(self.norm2(x), impl)
 
-    def decode_row(self, x: torch.Tensor, cos, sin, cache: KVCache, pos) -> torch.Tensor:
-        """forward's math for one new token per row, x (B, dim) at pos (B, 1), on the extension:
-        each projection one decode_linear launch with the norm before it and the SwiGLU or the
-        residual add after it folded in, and the rotary, the cache write and the attention in one
-        kernel (norm1 + QKV, rope_append_attention, wo + residual, norm2 + gate-up + SwiGLU,
-        down + residual: five launches)."""
-        a = self.attn
-        qkv = decode_linear(x, a.wqkv, self.norm1.weight, None, self.norm1.eps, False, "ext")  # (B, (H+2KV) hd)
-        y = cache.attend(qkv, cos, sin, pos, a.num_heads, "ext")                               # (B, H hd)
-        x = decode_linear(y, a.wo.weight, None, x, self.norm1.eps, False, "ext")              # (B, dim)
-        h = decode_linear(x, self.mlp.wgu, self.norm2.weight, None, self.norm2.eps, True, "ext")  # (B, hidden)
-        return decode_linear(h, self.mlp.down.weight, None, x, self.norm2.eps, False, "ext")
+    def decode_row(self, x: torch.Tensor, qkv: torch.Tensor, cos, sin, cache: KVCache, pos,
+                   next_block: "Block | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's math for one new token per row, x (B, dim) at pos (B, 1), on the extension,
+        from this block's QKV projection qkv (B, (H + 2 KV) hd), which the block before computed:
+        the rotary, the cache write and the attention in one kernel, then decode_tail (wo +
+        residual, norm2 + gate-up + SwiGLU, down + residual, and next_block's norm1 + QKV; at
+        batch 1 on CUDA one persistent launch, else four decode_linear launches). Returns
+        (x, next_block's qkv), that qkv (B, 0) for the last block."""
+        a, m, nxt = self.attn, self.mlp, next_block
+        y = cache.attend(qkv, cos, sin, pos, a.num_heads, "ext")  # (B, H hd)
+        following = (None, None, self.norm1.eps) if nxt is None else (nxt.norm1.weight, nxt.attn.wqkv, nxt.norm1.eps)
+        return decode_tail(y, x, a.wo.weight, self.norm2.weight, m.wgu, m.down.weight, *following[:2],
+                           self.norm2.eps, following[2], "ext")
 
     def cached(self, x, delta, cos, sin, impl: str, cache: KVCache, pos, mask):
         """forward's math through the cache, each residual add fused with the norm after it:
@@ -1084,15 +1112,20 @@ class Transformer(nn.Module):
                     fused_linear: bool | None = None) -> torch.Tensor:
         """Next-token logits (B, vocab_size) for one new token per row, tokens and pos (B, 1), through
         the caches (after prepare_for_inference). On the extension, with `fused_linear` True (any
-        batch) or None (up to DECODE_LINEAR_MAX_ROWS rows), each block is Block.decode_row and the
-        final norm folds into the LM head's decode_linear; otherwise (or False) hidden() and logits()."""
+        batch) or None (up to DECODE_LINEAR_MAX_ROWS rows), the first block's norm + QKV is one
+        decode_linear, each block is Block.decode_row (which also computes the next block's QKV), and
+        the final norm folds into the LM head's decode_linear; otherwise (or False) hidden() and
+        logits()."""
         impl = self.kernels(tokens.device, training=False)
         fused = tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
         if not (fused and impl == "ext" and tokens.shape[1] == 1 and self.blocks[0].attn.wqkv is not None):
             return self.logits(self.hidden(tokens, pos, caches)[:, -1])
         x = self.tok_emb(tokens[:, 0])                                         # (B, dim)
-        for block, cache in zip(self.blocks, caches):
-            x = block.decode_row(x, self.rope_cos, self.rope_sin, cache, pos)
+        first = self.blocks[0]
+        qkv = decode_linear(x, first.attn.wqkv, first.norm1.weight, None, first.norm1.eps, False, "ext")
+        following = list(self.blocks[1:]) + [None]
+        for block, cache, nxt in zip(self.blocks, caches, following):
+            x, qkv = block.decode_row(x, qkv, self.rope_cos, self.rope_sin, cache, pos, nxt)
         logits = decode_linear(x, self.head.weight, self.norm.weight, None, self.norm.eps, False, "ext")
         return logits[:, : self.cfg.vocab_size]
 
@@ -2384,11 +2417,11 @@ class Decoder:
     Building one packs the model's weights for inference (Transformer.prepare_for_inference); with
     the extension the step is then a short chain of our kernels and cuBLAS GEMMs, with nothing
     to compile (add_rms_norm, packed QKV GEMM, rope_append_attention, wo, add_rms_norm, packed
-    gate-up GEMM, swiglu, down per block; up to DECODE_LINEAR_MAX_ROWS rows five launches a block,
-    Block.decode_row). On CUDA the one-token step is captured once in a CUDA graph (`self.graph`)
-    and replayed, so a step costs one launch instead of one per kernel; its inputs and output live
-    in static buffers. generate() steps through sample_step instead: the same step with the
-    sampling after it, in one graph per sampling setting.
+    gate-up GEMM, swiglu, down per block; up to DECODE_LINEAR_MAX_ROWS rows Block.decode_row: two
+    launches a block at batch 1, five at more rows). On CUDA the one-token step is captured once in
+    a CUDA graph (`self.graph`) and replayed, so a step costs one launch instead of one per kernel;
+    its inputs and output live in static buffers. generate() steps through sample_step instead: the
+    same step with the sampling after it, in one graph per sampling setting.
     `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README). `fused_linear` is
     Transformer.step_logits' choice of Block.decode_row: None (up to DECODE_LINEAR_MAX_ROWS rows),

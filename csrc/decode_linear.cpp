@@ -119,6 +119,9 @@ void check_like(const at::Tensor& x, const at::Tensor& t, const char* name) {
               " but x is ", x.scalar_type(), "; pass tensors of one dtype");
 }
 
+}  // namespace
+
+// The op, also called by decode_tail.cpp for the steps its fused kernel does not take.
 at::Tensor decode_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& norm_weight,
                             const std::optional<at::Tensor>& residual, double eps, bool swiglu) {
   const auto dtype = x.scalar_type();
@@ -166,7 +169,6 @@ at::Tensor decode_linear_op(const at::Tensor& x, const at::Tensor& weight, const
   return out;
 }
 
-}  // namespace
 }  // namespace optimus
 
 TORCH_LIBRARY_IMPL(optimus, CPU, m) {

@@ -44,4 +44,9 @@ TORCH_LIBRARY(optimus, m) {
   m.def(
       "decode_linear(Tensor x, Tensor weight, Tensor? norm_weight, Tensor? residual, float eps, "
       "bool swiglu) -> Tensor");
+  // The rest of a decoding step's block after its attention (wo + residual, norm2 + gate-up +
+  // SwiGLU, down + residual) and the next block's norm + QKV: (out, qkv), qkv (B, 0) without one.
+  m.def(
+      "decode_tail(Tensor y, Tensor x, Tensor wo, Tensor norm2, Tensor wgu, Tensor wdown, Tensor? next_norm, "
+      "Tensor? next_wqkv, float eps, float next_eps) -> (Tensor, Tensor)");
 }

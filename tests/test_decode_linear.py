@@ -129,8 +129,9 @@ def test_opcheck():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,fused_linear", [(1, None), (16, True), (16, None)])
 def test_decoding_through_decode_linear_equals_full_forward_passes(device, batch, fused_linear, monkeypatch):
-    """Transformer.step_logits takes the decode_linear path (Block.decode_row, four launches of it a
-    block) at batch 1 by default and at batch 16 when forced (`fused_linear=True`), and the
+    """Transformer.step_logits takes the decode_linear path (the first block's QKV and the head
+    decode_linear, each block's other projections and the next block's QKV one decode_tail,
+    Block.decode_row) at batch 1 by default and at batch 16 when forced (`fused_linear=True`), and the
     library path at batch 16 by default (while DECODE_LINEAR_MAX_ROWS is below 16); either way its
     greedy tokens are those of full forward passes, and its logits those of the unfused path."""
     torch.manual_seed(11)
@@ -138,14 +139,16 @@ def test_decoding_through_decode_linear_equals_full_forward_passes(device, batch
     model = optimus.Transformer(model_cfg).to(device).eval()
     calls = []
     real = optimus.decode_linear
-    monkeypatch.setattr(optimus, "decode_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(optimus, "decode_linear", lambda *a, **k: calls.append("linear") or real(*a, **k))
+    real_tail = optimus.decode_tail
+    monkeypatch.setattr(optimus, "decode_tail", lambda *a, **k: calls.append("tail") or real_tail(*a, **k))
     prompts = [torch.randint(0, 50257, (3 + i % 7,)).tolist() for i in range(batch)]
     decoder = optimus.Decoder(model, batch, use_graph=False, fused_linear=fused_linear)
     fast = torch.stack(list(optimus.generate(model, prompts, 20, temperature=0, eot_id=None, decoder=decoder)),
                        1).tolist()                                                        # (batch, 20)
     fused = fused_linear or (fused_linear is None and batch <= optimus.DECODE_LINEAR_MAX_ROWS)
-    # 19 steps after the prefill: 4 per block + the head
-    assert len(calls) == (19 * (4 * model_cfg.depth + 1) if fused else 0)
+    # 19 steps after the prefill: the first QKV and the head, and one decode_tail per block
+    assert (calls.count("linear"), calls.count("tail")) == ((19 * 2, 19 * model_cfg.depth) if fused else (0, 0))
     with torch.no_grad():
         for prompt, row in zip(prompts, fast):
             for i, token in enumerate(row):
