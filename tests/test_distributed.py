@@ -1,7 +1,11 @@
 """Several processes (torchrun, gloo on CPU) train like one process with the same global batch."""
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,35 @@ from test_train import write_dolly
 COMMON = ["train", "--preset", "tiny", "--device", "cpu", "--max_steps", "6",
           "--max_length", "32", "--batch_size", "4", "--log_interval", "1", "--eval_interval", "3",
           "--eval_batches", "2", "--learning_rate", "3e-3"]
+
+
+# A leg takes 8-20 s on a loaded 2-CPU machine. One hung in about eight full-suite runs, past this
+# limit, with no trace of where; ~200 legs under load (2 busy loops, ranks on one CPU) did not
+# hang again (2026-12-03).
+LEG_TIMEOUT_S = 600
+STACKS_TIMEOUT_S = 60  # for the stacks to arrive (faulthandler writes them in milliseconds)
+
+
+def run_leg(command: list[str], cwd) -> subprocess.CompletedProcess:
+    """subprocess.run(command), output captured. Past LEG_TIMEOUT_S it fails with the Python stacks
+    of every thread of torchrun and its ranks: SIGABRT makes faulthandler write them to stderr."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1"}) as proc:
+        try:
+            out, err = proc.communicate(timeout=LEG_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")  # the ranks: own sessions
+            ranks = children.read_text().split() if children.exists() else []
+            for pid in [*map(int, ranks), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=STACKS_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # another process holds the pipes: keep what came
+                proc.kill()
+                out, err = proc.communicate()
+            pytest.fail(f"hung past {LEG_TIMEOUT_S} s: {' '.join(command)}\n{out}\n{err}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def curve(run_dir):
@@ -30,10 +63,10 @@ def test_two_ranks_match_one_process(tmp_path, impl):
                 str(ROOT / "optimus.py")],
     }
     for name, launcher in runs.items():  # the first run also prepares the data
-        result = subprocess.run(
+        result = run_leg(
             [*launcher, *COMMON, "--impl", impl, "--data_input", str(source), "--data_dir", str(data),
              "--checkpoint_dir", str(tmp_path / name), "--tensorboard_dir", str(tmp_path / "runs"),
-             "--run_name", name], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+             "--run_name", name], tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
     assert "micro-batch" not in result.stdout  # the CPU takes the whole per-rank batch
     single, ddp = curve(tmp_path / "runs" / "single"), curve(tmp_path / "runs" / "ddp")
@@ -62,8 +95,8 @@ def test_two_ranks_resume_bit_for_bit(tmp_path):
     legs = {"straight": [["--max_steps", "6"]], "resumed": [["--max_steps", "3"], ["--max_steps", "6", "--resume"]]}
     for name, runs in legs.items():
         for extra in runs:
-            result = subprocess.run([*torchrun, "--checkpoint_dir", str(tmp_path / name), "--run_name", name, *extra],
-                                    capture_output=True, text=True, timeout=600, cwd=tmp_path)
+            result = run_leg([*torchrun, "--checkpoint_dir", str(tmp_path / name), "--run_name", name, *extra],
+                             tmp_path)
             assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
     straight = torch.load(tmp_path / "straight" / "latest.pt", weights_only=True)
@@ -91,8 +124,7 @@ def test_fsdp_matches_one_process_and_resumes_bit_for_bit(tmp_path):
     }
     for name, runs in legs.items():
         for command in runs:
-            result = subprocess.run([*command, "--checkpoint_dir", str(tmp_path / name), "--run_name", name],
-                                    capture_output=True, text=True, timeout=600, cwd=tmp_path)
+            result = run_leg([*command, "--checkpoint_dir", str(tmp_path / name), "--run_name", name], tmp_path)
             assert result.returncode == 0, result.stdout + result.stderr
     single, fsdp = curve(tmp_path / "runs" / "single"), curve(tmp_path / "runs" / "fsdp")
     assert [row[:2] for row in single] == [row[:2] for row in fsdp] and len(single) == 8
