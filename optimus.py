@@ -959,11 +959,14 @@ class Block(nn.Module):
         residual, norm2 + gate-up + SwiGLU, down + residual, and next_block's norm1 + QKV; at
         batch 1 on CUDA one persistent launch, else four decode_linear launches). Returns
         (x, next_block's qkv), that qkv (B, 0) for the last block."""
-        a, m, nxt = self.attn, self.mlp, next_block
+        a, m = self.attn, self.mlp
         y = cache.attend(qkv, cos, sin, pos, a.num_heads, "ext")  # (B, H hd)
-        following = (None, None, self.norm1.eps) if nxt is None else (nxt.norm1.weight, nxt.attn.wqkv, nxt.norm1.eps)
-        return decode_tail(y, x, a.wo.weight, self.norm2.weight, m.wgu, m.down.weight, *following[:2],
-                           self.norm2.eps, following[2], "ext")
+        if next_block is None:
+            next_norm, next_wqkv, next_eps = None, None, self.norm1.eps
+        else:
+            next_norm, next_wqkv, next_eps = next_block.norm1.weight, next_block.attn.wqkv, next_block.norm1.eps
+        return decode_tail(y, x, a.wo.weight, self.norm2.weight, m.wgu, m.down.weight, next_norm, next_wqkv,
+                           self.norm2.eps, next_eps, "ext")
 
     def cached(self, x, delta, cos, sin, impl: str, cache: KVCache, pos, mask):
         """forward's math through the cache, each residual add fused with the norm after it:
