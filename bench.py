@@ -368,7 +368,7 @@ def random_token_dir(root: Path, tokens: int) -> Path:
 TRAIN_CASES = [
     ("b8-ckpt", 8, True, "optimus-auto"), ("b8-ckpt", 8, True, "hf"), ("b8-ckpt", 8, True, "optimus-eager"),
     ("b8-ckpt", 8, True, "optimus-selective"),
-    ("opt", 8, True, "optimizer-fused"), ("opt", 8, True, "optimizer-foreach"),
+    ("opt", 8, True, "optimizer-ext"), ("opt", 8, True, "optimizer-fused"), ("opt", 8, True, "optimizer-foreach"),
     ("b64", 64, False, "optimus-auto"), ("b64", 64, False, "hf"),
     ("b8-ckpt", 8, True, "optimus-reduce-overhead"),
     ("b64", 64, False, "optimus-ref"), ("b8", 8, False, "optimus-auto"), ("b8", 8, False, "hf"),
@@ -396,14 +396,19 @@ def pick_train_cases(spec: str) -> list:
 def optimizer_row(trainer, side: str, device: torch.device) -> dict:
     """The trainer's clip + AdamW step alone (Trainer.clip_and_step on random gradients, CUDA
     events, median) against its memory-traffic floor: ADAMW_BYTES_PER_PARAM per parameter at the
-    copy bandwidth this GPU measures. Variants: "fused" (the trainer's: the norm, then fused AdamW
-    dividing by the clip factor), "foreach" (clip_grad_norm_, then the foreach AdamW),
-    "compiled" (that foreach step through torch.compile, which fuses it)."""
+    copy bandwidth this GPU measures. Variants: "ext" (the trainer's on CUDA: the extension's
+    adamw_step), "fused" (the norm, then torch's fused AdamW dividing by the clip factor),
+    "foreach" (clip_grad_norm_, then the foreach AdamW), "compiled" (that foreach step through
+    torch.compile, which fuses it)."""
     variant = side.removeprefix("optimizer-")
+    if variant == "ext" and trainer.step_impl != "ext":
+        raise ValueError(f"{side} needs the extension's adamw_step, which this trainer does not take "
+                         f"(impl {trainer.model.cfg.impl} on {trainer.rt.device.type})")
+    trainer.step_impl = "ext" if variant == "ext" else "ref"
     params = list(trainer.model.parameters())
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    if variant != "fused":
+    if variant not in ("ext", "fused"):
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach", "capturable")}
                   for g in trainer.optimizer.param_groups]
         trainer.optimizer = torch.optim.AdamW(groups, foreach=True)

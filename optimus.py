@@ -449,6 +449,26 @@ def decode_tail_ref(y: torch.Tensor, x: torch.Tensor, wo: torch.Tensor, norm2: t
     return x, decode_linear_ref(x, next_wqkv, next_norm, None, next_eps)
 
 
+def adamw_step_ref(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, lr: torch.Tensor,
+                   weight_decays: list, beta1: float, beta2: float, eps: float, max_norm: float) -> torch.Tensor:
+    """The trainer's optimizer step, in place: clip_grad_norm_(max_norm) of all the gradients
+    together (none when max_norm <= 0), then torch.optim.AdamW's update of each parameter i with
+    weight decay weight_decays[i]; steps[i] is its step counter (float32 scalar), lr a float32
+    scalar. Float32 math; the gradients are not written. Returns their norm before the clip."""
+    squares = [g.double().pow(2).sum() for g in grads]
+    norm = (torch.stack(squares).sum().sqrt() if squares else lr.new_zeros((), dtype=torch.float64)).float()
+    clip = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones((), device=lr.device)
+    for p, g, m, v, step, wd in zip(params, grads, exp_avgs, exp_avg_sqs, steps, weight_decays):
+        step += 1
+        g = g * clip
+        p.mul_(1 - lr * wd)
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        step_size = lr / (1 - beta1 ** step.double()).float()
+        p.sub_(step_size * m / (v.sqrt() / (1 - beta2 ** step.double()).sqrt().float() + eps))
+    return norm
+
+
 _EXTENSION: dict = {}  # filled once by load_extension(): the build's outcome
 
 
@@ -505,6 +525,10 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("optimus::decode_tail")
     def _(y, x, wo, norm2, wgu, wdown, next_norm, next_wqkv, eps, next_eps):
         return x.new_empty(x.shape), x.new_empty((x.shape[0], 0 if next_wqkv is None else next_wqkv.shape[0]))
+
+    @torch.library.register_fake("optimus::adamw_step")
+    def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decays, beta1, beta2, eps, max_norm):
+        return lr.new_empty(())
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the backward recomputes silu from gate: no activation kept
@@ -795,6 +819,17 @@ def rope_append_attention(qkv, cos, sin, pos, k_cache, v_cache, status, counts, 
         return torch.ops.optimus.rope_append_attention(qkv, cos, sin, pos, k_cache, v_cache, status, counts,
                                                        num_heads, scale)
     return rope_append_attention_ref(qkv, cos, sin, pos, k_cache, v_cache, status, counts, num_heads, scale)
+
+
+def adamw_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, lr: torch.Tensor,
+               weight_decays: list, beta1: float, beta2: float, eps: float, max_norm: float,
+               impl: str = "ref") -> torch.Tensor:
+    """Clip + AdamW in place (see adamw_step_ref): on CUDA two passes over the parameters and no host
+    synchronisation (csrc/adamw.cu). Returns the gradients' norm before the clip."""
+    if impl == "ext":
+        return torch.ops.optimus.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decays, beta1,
+                                            beta2, eps, max_norm)
+    return adamw_step_ref(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decays, beta1, beta2, eps, max_norm)
 
 
 def add_rms_norm(x, delta, weight, eps: float, impl: str = "ref") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1718,13 +1753,18 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.graph_mode = self.resolve_cuda_graph()
+        self.step_impl = self.resolve_step_impl()
         # A captured step reads its hyperparameters on the device: a tensor lr, rewritten before
-        # each replay, and `capturable` AdamW, which keeps its step count there too.
-        self.lr = torch.tensor(cfg.learning_rate, device=self.rt.device) if self.graph_mode == "step" else None
+        # each replay, and `capturable` AdamW, which keeps its step count there too. The
+        # extension's step reads lr there as well, captured or not.
+        captured = self.graph_mode == "step"
+        self.lr = torch.tensor(cfg.learning_rate, device=self.rt.device) if captured or self.step_impl == "ext" else None
+        # With step_impl "ext" the optimizer holds the state (the checkpoint format is its
+        # state_dict either way) and adamw_step updates it.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate if self.lr is None else self.lr, betas=(cfg.beta1, cfg.beta2),
-            fused=self.rt.device.type == "cuda", capturable=self.lr is not None)
+            lr=self.lr if captured else cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+            fused=self.rt.device.type == "cuda", capturable=captured)
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.needs_grad_scaler else None
         self.graph, self.graph_batch, self.graph_loss = None, None, None  # captured at the first step
         self.step, self.best_val, self.run_name = 0, float("inf"), cfg.run_name
@@ -2042,6 +2082,8 @@ class Trainer:
             return self.graph_step(pairs, lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.step_impl == "ext":
+            self.lr.fill_(lr)
         total = self.step_math([[t.to(self.rt.device, non_blocking=True) for t in pair] for pair in pairs])
         self.optimizer.zero_grad(set_to_none=True)
         return total
@@ -2072,8 +2114,30 @@ class Trainer:
         self.nonfinite |= ~torch.isfinite(total)
         return total
 
+    def resolve_step_impl(self) -> str:
+        """The optimizer step's implementation: "ext", the extension's adamw_step (the clip's norm
+        and AdamW in two passes over the parameters), on CUDA whenever the extension builds and on a
+        CPU with impl ext; else "ref", torch's AdamW (fused on CUDA), which FSDP's sharded
+        parameters and float16's GradScaler need."""
+        if self.fsdp or self.rt.needs_grad_scaler:
+            return "ref"
+        impl = resolve_impl(self.model.cfg.impl, self.rt.device)
+        return "ext" if impl == "ext" and (self.rt.device.type == "cuda" or self.model.cfg.impl == "ext") else "ref"
+
+    def init_optimizer_state(self, params: list) -> None:
+        """AdamW's state for the parameters that have none yet, made as fused AdamW's first step makes it."""
+        for p in params:
+            state = self.optimizer.state[p]
+            if not state:
+                state.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+
     def clip_and_step(self) -> None:
         """The global-norm clip and the AdamW step on the gradients the backward left."""
+        if self.step_impl == "ext":
+            self.ext_step()
+            return
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.gradient_clip_val
@@ -2092,6 +2156,23 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def ext_step(self) -> None:
+        """clip_and_step through the extension's adamw_step, on the optimizer's own state tensors
+        (parameters without a gradient are skipped, as torch's AdamW skips them)."""
+        params, grads, decays = [], [], []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
+                    decays.append(group["weight_decay"])
+        self.init_optimizer_state(params)
+        states = [self.optimizer.state[p] for p in params]
+        beta1, beta2 = self.optimizer.defaults["betas"]
+        adamw_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                   [s["step"] for s in states], self.lr, decays, beta1, beta2, self.optimizer.defaults["eps"],
+                   self.cfg.gradient_clip_val, impl="ext")
 
     def graph_step(self, pairs: list, lr: float) -> torch.Tensor:
         """train_step replayed from one CUDA graph (cuda_graph true): the batch is copied into
@@ -2118,12 +2199,7 @@ class Trainer:
         nonfinite flag are restored from a host copy afterwards, so the run is the eager run's."""
         device = self.rt.device
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            state = self.optimizer.state[p]
-            if not state:
-                state.update(step=torch.zeros((), dtype=torch.float32, device=device),
-                             exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        self.init_optimizer_state(params)
         kept = params + [t for p in params for t in self.optimizer.state[p].values()] + [self.nonfinite]
         saved = [t.detach().to("cpu", copy=True) for t in kept]  # on the host: GPU peak memory stays the eager one
         stream = torch.cuda.Stream(device)

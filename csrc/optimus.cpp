@@ -49,4 +49,11 @@ TORCH_LIBRARY(optimus, m) {
   m.def(
       "decode_tail(Tensor y, Tensor x, Tensor wo, Tensor norm2, Tensor wgu, Tensor wdown, Tensor? next_norm, "
       "Tensor? next_wqkv, float eps, float next_eps) -> (Tensor, Tensor)");
+  // The trainer's optimizer step: the global-norm clip of the gradients, then AdamW, on lists of
+  // float32 tensors (the i-th of each list belongs to parameter i); weights, moments and step
+  // counters in place. Returns the gradients' norm before the clip.
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, Tensor lr, float[] weight_decays, float beta1, float beta2, float eps, "
+      "float max_norm) -> Tensor");
 }
