@@ -42,37 +42,13 @@
  * 32-byte sectors) and its x load one 16-byte shared-memory read per row, conflict-free with the
  * row stride ldx padded to an odd multiple of 64 bytes.
  *
- * One row through a large matrix (the LM head: 50,304 rows of K = 1024, 103 MB in bf16): the
- * streaming kernel (decode_linear_stream_kernel) instead. In the kernel above a warp holds one
- * 2 KB row in registers, waits for it, multiplies, reduces, stores, and only then asks for its
- * next row; the head ran at ~3.3 TB/s (30-32 us on the H200, whose copy rate is 4.2 TB/s and
- * where cuBLAS's GEMV takes 28.4 us). Here the grid is one block per multiprocessor, block b owns
- * one contiguous range of output rows (split as evenly as whole rows allow) and streams it
- * through a ring of kStages shared-memory stages of kStageRows rows: the classic multistage
- * pipeline, each stage one cp.async group of 16-byte copies of contiguous weight bytes,
- * kStages - 1 stages in flight while the block multiplies the oldest, each warp one row of it
- * out of shared memory. x is staged there once, as T, so that a lane's 16-byte packs of x and of
- * the row lie next to its neighbours' (no bank conflicts). The DRAM sees one long sequential
- * stream a multiprocessor instead of scattered 2 KB rows. At K = 1024 bf16: 256 threads, stages
- * of 16 KB, a ring of 128 KB, 134 KB of shared memory with x and the gain (float32 at K = 1024
- * needs 264 KB and takes the kernel above). Same bits as the kernel above with one row: a column
- * is one warp's dot product in that kernel's order (lane l: packs l, l + 32, ..., each pack's
- * elements in order, then the same xor-shuffle tree), the norm's sum of squares is taken by the
- * first kThreads threads in that kernel's order, and the roundings are the same. Taken for one
- * row without SwiGLU or residual, in 16-byte packs (K a multiple of the pack, weight and x
- * 16-byte aligned), with at least kStreamMinRowsPerSm rows a multiprocessor and a ring that fits
- * the device's shared memory per block; OPTIMUS_HEAD_STREAM=0 (read per call) takes the kernel
- * above, for measuring. H200: not yet measured on a GPU.
- *
  * Programmatic dependent launch (pdl.h, sm_90+, inside a CUDA graph): the kernel may start while
  * the kernels before it in the stream are still running. Until pdl_wait() it touches only its
  * weights, which no kernel of the step writes: its first round of weight loads overlaps the
  * previous kernel's tail and this kernel's own launch. After the wait (every earlier kernel
  * complete, its writes visible) it reads x, the norm gain and the residual and writes out. Each
  * block lets its dependents launch once its loads are issued, so the next projection's blocks
- * take the SMs this one leaves idle and start streaming their own weights. The streaming kernel
- * likewise issues its first kStages - 1 stages and reads its gain (a weight) before the wait, x
- * after it.
+ * take the SMs this one leaves idle and start streaming their own weights.
  */
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
@@ -82,8 +58,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "pdl.h"
 
@@ -109,20 +83,6 @@ constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kMmaMaxRows = 32;
 constexpr int kMmaUnroll = 16;
 constexpr int kChunk = 32;  // columns of one chunk: 2 mma k-steps of 16
-// The streaming kernel (one row through a large matrix): warps per block, one weight row of a
-// stage each; a stage is 16 KB at K = 1024 bf16 and the ring 8 of them, 128 KB, so one block a
-// multiprocessor with 7 stages (112 KB) in flight: 3-4 times the 32 KB a multiprocessor's share of
-// the copy rate (4.2 TB/s over 132) times a loaded DRAM round trip (~1 us) needs.
-constexpr int kStreamWarps = 8;
-constexpr int kStreamThreads = kStreamWarps * 32;
-constexpr int kStageRows = kStreamWarps;  // weight rows per stage
-constexpr int kStages = 8;                // stages in the ring
-// Rows a multiprocessor below which the streaming kernel is not taken: with fewer (the model's
-// other projections, 1024-1536 rows, 8-12 a multiprocessor) a block's range is one or two stages,
-// nothing to pipeline, and the kernel above, every row's loads issued at once, is the shorter
-// chain. 16 rows are two stages: the least that streams.
-constexpr int kStreamMinRowsPerSm = 2 * kStageRows;
-static_assert(kStreamThreads >= kThreads, "the norm's sum of squares takes decode_linear_kernel's kThreads threads");
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -428,151 +388,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2) decode_linear_mma_kernel(
   }
 }
 
-// ----------------------------------------------------------------------------- streaming kernel
-
-// One column: the warp's dot product of xs (K,) with a weight row, both in shared memory, in
-// decode_linear_kernel's order (its NB = 1 sum); every lane gets the sum.
-template <typename T, int V>
-__device__ __forceinline__ float warp_dot(const T* xs, const T* row, int K) {
-  const int lane = threadIdx.x % 32;
-  const Pack<T, V>* xp = reinterpret_cast<const Pack<T, V>*>(xs);
-  const Pack<T, V>* wp = reinterpret_cast<const Pack<T, V>*>(row);
-  float acc = 0.0f;
-#pragma unroll 4
-  for (int p = lane; p < K / V; p += 32) {
-    const Pack<T, V> wv = wp[p], xv = xp[p];
-#pragma unroll
-    for (int e = 0; e < V; ++e) acc += static_cast<float>(xv.v[e]) * static_cast<float>(wv.v[e]);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-  return acc;
-}
-
-// out (n_out,) = norm(x) (K,) @ w^T for one row, the weight streamed through shared memory (the
-// opening comment). Shared memory: the ring (kStages, kStageRows, K) of T, then xs (K,) of T, then
-// with a norm its gain (K,) as float.
-template <typename T, int V>
-__global__ void __launch_bounds__(kStreamThreads, 1) decode_linear_stream_kernel(
-    const T* x, const T* __restrict__ w, const T* __restrict__ norm_w, T* __restrict__ out, int K, int n_out,
-    float eps) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float partial[kThreads / 32];
-  const int row_bytes = K * static_cast<int>(sizeof(T));
-  const int stage_bytes = kStageRows * row_bytes;
-  T* xs = reinterpret_cast<T*>(smem + kStages * stage_bytes);
-  float* gain = reinterpret_cast<float*>(xs + K);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int first = static_cast<int>(int64_t{n_out} * blockIdx.x / gridDim.x);  // this block's rows: [first, last)
-  const int last = static_cast<int>(int64_t{n_out} * (blockIdx.x + 1) / gridDim.x);
-  const int stages = (last - first + kStageRows - 1) / kStageRows;
-  const uint32_t ring = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-
-  // Stage s: rows first + s kStageRows on (at most kStageRows, contiguous in w) into slot
-  // s % kStages, one commit group; past the last stage an empty group, so that every iteration
-  // below waits on the same count.
-  auto copy_stage = [&](int s) {
-    if (s < stages) {
-      const int packs = min(kStageRows, last - first - s * kStageRows) * row_bytes / kPackBytes;
-      const char* src = reinterpret_cast<const char*>(w + (int64_t{first} + s * kStageRows) * K);
-      const uint32_t dst = ring + static_cast<uint32_t>((s % kStages) * stage_bytes);
-      for (int i = threadIdx.x; i < packs; i += kStreamThreads)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + i * kPackBytes),
-                     "l"(src + int64_t{i} * kPackBytes)
-                     : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  for (int s = 0; s < kStages - 1; ++s) copy_stage(s);  // before the wait: no kernel of the step writes a weight
-  if (norm_w != nullptr) {  // a weight too (each thread reads back its own)
-    for (int k = threadIdx.x; k < K; k += kStreamThreads) gain[k] = static_cast<float>(norm_w[k]);
-  }
-  pdl_launch_dependents();
-  pdl_wait();  // x is an earlier kernel's output
-
-  // Prologue: x -> xs, normalised as decode_linear_kernel's prologue does: the sum of squares in
-  // its order (thread t < kThreads: elements t, t + kThreads, ...; its warps' sums added in order).
-  for (int p = threadIdx.x; p < K / V; p += kStreamThreads)
-    reinterpret_cast<uint4*>(xs)[p] = __ldcg(reinterpret_cast<const uint4*>(x) + p);
-  if (norm_w != nullptr) {
-    __syncthreads();
-    if (threadIdx.x < kThreads) {
-      float squares = 0.0f;
-      for (int k = threadIdx.x; k < K; k += kThreads) {
-        const float v = static_cast<float>(xs[k]);
-        squares += v * v;
-      }
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
-      if (lane == 0) partial[warp] = squares;
-    }
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kThreads / 32; ++i) total += partial[i];
-    const float scale = rsqrtf(total / K + eps);
-    for (int k = threadIdx.x; k < K; k += kStreamThreads)
-      xs[k] = static_cast<T>(gain[k] * round_to<T>(static_cast<float>(xs[k]) * scale));
-  }
-
-  for (int s = 0; s < stages; ++s) {
-    // This thread's copies of stage s have landed; after the barrier everyone's have, xs is
-    // written, and slot (s - 1) % kStages, which the next copy refills, is no longer read.
-    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 2) : "memory");
-    __syncthreads();
-    copy_stage(s + kStages - 1);
-    const int i = s * kStageRows + warp;  // this warp's row of the stage
-    if (first + i < last) {
-      const T* row = reinterpret_cast<const T*>(smem + (s % kStages) * stage_bytes) + static_cast<int64_t>(warp) * K;
-      const float acc = warp_dot<T, V>(xs, row, K);
-      if (lane == 0) out[first + i] = static_cast<T>(acc);  // round_to<T> of the sum, as the kernel above stores it
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------- launcher
 
 bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0;
-}
-
-bool stream_enabled() {  // OPTIMUS_HEAD_STREAM=0 takes decode_linear_kernel (read per call, for measuring)
-  const char* v = std::getenv("OPTIMUS_HEAD_STREAM");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
-size_t stream_smem(int64_t K, bool norm, size_t elem) {  // the ring and xs as T, the gain as float
-  return (size_t{kStages} * kStageRows + 1) * K * elem + (norm ? K * sizeof(float) : 0);
-}
-
-// The streaming kernel's grid, one block a multiprocessor, where it takes one row of this shape
-// (16-byte packs checked by the caller; at least kStreamMinRowsPerSm rows a multiprocessor, the
-// ring within the device's shared memory per block); 0 where the kernel above does.
-int stream_blocks(int64_t K, int64_t n_out, bool norm, size_t elem) {
-  if (!stream_enabled()) return 0;
-  int device = 0, sms = 0, limit = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // a failed query: the kernel above
-    return 0;
-  }
-  const size_t partial_bytes = sizeof(float) * (kThreads / 32);  // the kernel's static shared memory
-  if (sms < 1 || n_out < int64_t{kStreamMinRowsPerSm} * sms ||
-      stream_smem(K, norm, elem) + partial_bytes > static_cast<size_t>(limit))
-    return 0;
-  return sms;
-}
-
-template <typename T, int V>
-cudaError_t launch_stream(const T* x, const T* w, const T* norm_w, T* out, int K, int n_out, float eps, int blocks) {
-  auto kernel = decode_linear_stream_kernel<T, V>;
-  const size_t smem = stream_smem(K, norm_w != nullptr, sizeof(T));
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  return launch_pdl(kernel, dim3(blocks), dim3(kStreamThreads), smem, at::cuda::getCurrentCUDAStream(), x, w, norm_w,
-                    out, K, n_out, eps);
 }
 
 template <typename T, int V, int NB, bool SWIGLU, int U = kUnroll>
@@ -705,10 +524,6 @@ cudaError_t launch_all(const at::Tensor& x, const at::Tensor& weight, const at::
     }
   }
   const bool vec = K % V == 0 && aligned(wp);  // every weight row then starts 16-byte aligned
-  if (B == 1 && vec && !swiglu && res == nullptr && aligned(xp)) {
-    const int blocks = stream_blocks(K, n_out, nw != nullptr, sizeof(T));
-    if (blocks > 0) return launch_stream<T, V>(xp, wp, nw, op, K, n_out, eps, blocks);
-  }
   for (int64_t b0 = 0; b0 < B; b0 += kMaxRows) {
     const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, B - b0));
     const T* xb = xp + b0 * x.stride(0);

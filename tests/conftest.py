@@ -19,12 +19,3 @@ requires_cuda = pytest.mark.skipif(
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch."))
           for d in (__import__("torch").float32, __import__("torch").bfloat16, __import__("torch").float16)]
-
-
-def cuda_kernels(fn) -> set[str]:
-    """The names of the CUDA kernels fn launches (torch.profiler)."""
-    torch = __import__("torch")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optimus
-from conftest import DEVICES, DTYPES, cuda_kernels, requires_cuda
+from conftest import DEVICES, DTYPES, requires_cuda
 
 # Summation order differs from F.linear's: float32 to ~1e-5 relative; a 16-bit output may land
 # one rounding step (an ulp: 2^-8 / 2^-11 relative) away, so those compare at about an ulp.
@@ -90,79 +90,6 @@ def test_cuda_strided_and_misaligned_rows(offset, full_precision_reference):
     nw = (1 + 0.1 * torch.randn(K, device="cuda")).to(torch.bfloat16)
     out = torch.ops.optimus.decode_linear(x, w, nw, None, 1e-5, False)
     torch.testing.assert_close(out, optimus.decode_linear_ref(x, w, nw, None, 1e-5, False), **TOL[torch.bfloat16])
-
-
-# One row through a large matrix: decode_linear_stream_kernel where it fits (decode_linear.cu), the
-# CUDA-core kernel otherwise. Its launcher's conditions, restated: at least STREAM_MIN_ROWS_PER_SM
-# output rows a multiprocessor, and a ring of STREAM_RING_ROWS weight rows plus x (as T), the gain
-# (float32) and the kernel's STREAM_STATIC_BYTES within the device's shared memory per block.
-STREAM_MIN_ROWS_PER_SM, STREAM_RING_ROWS, STREAM_STATIC_BYTES = 16, 64, 16
-# (dtype, K, N): the head (50,304 rows), the GPT-2 vocabulary (odd: rows split unevenly over the
-# blocks, a block's last stage partial), N a little above the threshold on a 132-multiprocessor
-# GPU (a block's range two stages and a few rows, fewer than the ring), the QKV projection
-# (below it); float32 at K = 1024 needs 264 KB (the CUDA-core kernel), at K = 512 it streams.
-STREAM_SHAPES = [(dtype, K, N) for dtype in (torch.bfloat16, torch.float16)
-                 for K, N in [(1024, 50304), (1024, 50257), (1024, 2200), (1024, 1536)]] + \
-                [(torch.float32, 1024, 50304), (torch.float32, 512, 50257)]
-
-
-def streams(dtype: torch.dtype, K: int, N: int, norm: bool) -> bool:
-    """Whether one row of this shape takes the streaming kernel on this GPU."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    smem = (STREAM_RING_ROWS + 1) * K * dtype.itemsize + (4 * K if norm else 0) + STREAM_STATIC_BYTES
-    return N >= STREAM_MIN_ROWS_PER_SM * props.multi_processor_count and smem <= props.shared_memory_per_block_optin
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype,K,N", STREAM_SHAPES, ids=lambda v: str(v).removeprefix("torch."))
-@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no_norm"])
-def test_cuda_one_row_stream_equals_the_cuda_core_kernel(dtype, K, N, norm, monkeypatch, full_precision_reference):
-    """With one row the streaming kernel computes the CUDA-core kernel's bits (OPTIMUS_HEAD_STREAM=0
-    forces that one), runs where its launcher says, and computes the op."""
-    x, w, nw, _ = inputs(1, K, N, dtype, "cuda", norm, False, False)
-
-    def op():
-        return torch.ops.optimus.decode_linear(x, w, nw, None, 1e-5, False)
-    names = cuda_kernels(op)
-    assert any("decode_linear_stream_kernel" in n for n in names) == streams(dtype, K, N, norm), names
-    out = op()
-    monkeypatch.setenv("OPTIMUS_HEAD_STREAM", "0")
-    assert not any("decode_linear_stream_kernel" in n for n in cuda_kernels(op))
-    assert torch.equal(out, op())
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), optimus.decode_linear_ref(
-            x.double(), w.double(), None if nw is None else nw.double(), None, 1e-5, False), **TOL[dtype])
-    torch.testing.assert_close(out, optimus.decode_linear_ref(x, w, nw, None, 1e-5, False), **TOL[dtype])
-
-
-@requires_cuda
-def test_cuda_graph_stream_head_replays_exactly(monkeypatch):
-    """Inside a CUDA graph (programmatic dependent launch: the head's first stages are copied while
-    the projection before it, whose output is its x, still runs), the streamed head replays to the
-    CUDA-core kernel's eager bits, for fresh inputs at every replay."""
-    dtype, K, N = torch.bfloat16, 1024, 50304
-    x, wq, nq, _ = inputs(1, K, K, dtype, "cuda", True, False, False)
-    _, wh, nh, _ = inputs(1, K, N, dtype, "cuda", True, False, False)
-
-    def chain(x):  # a projection of one row (the CUDA-core kernel), then the head
-        h = torch.ops.optimus.decode_linear(x, wq, nq, None, 1e-5, False)
-        return torch.ops.optimus.decode_linear(h, wh, nh, None, 1e-5, False)
-
-    static = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(static)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = chain(static)
-    monkeypatch.setenv("OPTIMUS_HEAD_STREAM", "0")  # read per launch: the eager chains below
-    for _ in range(5):
-        static.copy_(torch.randn(1, K, device="cuda").to(dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured, chain(static))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optimus
-from conftest import DEVICES, DTYPES, cuda_kernels, requires_cuda
+from conftest import DEVICES, DTYPES, requires_cuda
 
 # Each step as in test_decode_linear (summation order alone, about an ulp of 16-bit outputs), with
 # room for an ulp carried from one step into the next.
@@ -70,6 +70,14 @@ def test_bad_arguments_are_named():
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.optimus.decode_tail.default, inputs(2, 16, 8, 12, 20, torch.float32, "cpu"))
+
+
+def cuda_kernels(fn) -> set[str]:
+    """The names of the CUDA kernels fn launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
 # One row: the default model's shapes, odd ones of whole 16-byte packs, and shapes the fused

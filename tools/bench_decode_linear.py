@@ -10,16 +10,8 @@ add_rms_norm's, so it is counted there), and F.linear alone (the library GEMM wi
 Calls replay from a CUDA graph and rotate through enough weight copies to exceed the L2 cache, so
 every call reads its weight from HBM as a real decoding step does (all 8 layers' weights are
 283 MB, the L2 50 MB). `ours/library` below 1 is where decode_linear wins.
-
-    python tools/bench_decode_linear.py --rows 1 --head_stream  # and the head, 1 row, both kernels
-
-`--head_stream` then times the head at one row through its streaming kernel (`stream`) and
-through the CUDA-core one (`old`, OPTIMUS_HEAD_STREAM=0), in alternating rounds, and prints the
-median of each.
 """
 import argparse
-import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -38,51 +30,12 @@ CASES = [  # name, N, K, norm, residual, swiglu
     ("head (norm)", VOCAB, DIM, True, False, False),
 ]
 EPS = 1e-5
-HEAD_STREAM_ROUNDS = 5  # --head_stream: alternating rounds of each kernel (each a median of graph replays)
-
-
-def head_stream(dev: torch.device, dtype: torch.dtype, copy_bw: float) -> None:
-    """The head at one row, streaming kernel against CUDA-core kernel (OPTIMUS_HEAD_STREAM, which
-    the launcher reads as each graph is captured), alternating; first checks that they agree."""
-    name, N, K, norm, _, _ = CASES[-1]
-    copies = max(2, -(-3 * bench.l2_bytes(dev) // (N * K * 2)))
-    ws = [torch.randn(N, K, device=dev, dtype=dtype) / K**0.5 for _ in range(copies)]
-    nw = (1 + 0.1 * torch.randn(K, device=dev)).to(dtype) if norm else None
-    x = torch.randn(1, K, device=dev, dtype=dtype)
-    modes = {"stream": "1", "old": "0"}
-    before = os.environ.get("OPTIMUS_HEAD_STREAM")
-    outs, times = {}, {mode: [] for mode in modes}
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for mode, env in modes.items():
-            os.environ["OPTIMUS_HEAD_STREAM"] = env
-            outs[mode] = torch.ops.optimus.decode_linear(x, ws[0], nw, None, EPS, False)
-        assert torch.equal(outs["stream"], outs["old"]), "the streaming head's output differs from the CUDA-core one's"
-        for _ in range(HEAD_STREAM_ROUNDS):
-            for mode, env in modes.items():
-                os.environ["OPTIMUS_HEAD_STREAM"] = env
-                times[mode].append(bench.graph_seconds_per_call(
-                    lambda i: torch.ops.optimus.decode_linear(x, ws[i % copies], nw, None, EPS, False), dev))
-    if before is None:
-        os.environ.pop("OPTIMUS_HEAD_STREAM")
-    else:
-        os.environ["OPTIMUS_HEAD_STREAM"] = before
-    print(f"head at 1 row, {HEAD_STREAM_ROUNDS} alternating rounds (each round's time, then the median):")
-    for mode, ts in times.items():
-        t = statistics.median(ts)
-        gbs = N * K * 2 / t / 1e9
-        rounds = " ".join(f"{v * 1e6:.2f}" for v in ts)
-        print(f"{name + ', ' + mode:<24} {1:>2} {t * 1e6:>8.2f} {gbs:>6,.0f} {gbs * 1e9 / copy_bw:>7.2f}  "
-              f"rounds {rounds}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32", help="comma-separated row counts (batch sizes)")
-    parser.add_argument("--head_stream", action="store_true",
-                        help="then time the head at 1 row through its streaming and its CUDA-core kernel")
-    args = parser.parse_args(argv)
-    rows = [int(r) for r in args.rows.split(",")]
+    rows = [int(r) for r in parser.parse_args(argv).rows.split(",")]
     optimus.load_extension()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -125,8 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     print("one block's four projections (x 8 blocks in a step), us:")
     for B, (ours, lib) in step.items():
         print(f"  B {B:>2}: ours {ours:7.2f}  library {lib:7.2f}  ours/library {ours / lib:5.2f}")
-    if args.head_stream:
-        head_stream(dev, dtype, copy_bw)
 
 
 if __name__ == "__main__":
