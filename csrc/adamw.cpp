@@ -93,8 +93,8 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   for (size_t i = 0; i < params.size(); ++i) {
     float* step = steps[i].mutable_data_ptr<float>();
     *step += 1.0f;
-    const float step_size = static_cast<float>(lr / (1.0 - std::pow(static_cast<double>(beta1), *step)));
-    const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), *step)));
+    const float step_size = lr / (1.0f - std::pow(beta1, *step));  // float32, as the CUDA kernel
+    const float bc2_sqrt = std::sqrt(1.0f - std::pow(beta2, *step));
     const float decay = 1.0f - lr * static_cast<float>(weight_decays[i]);
     float* p = params[i].mutable_data_ptr<float>();
     const float* g = grads[i].const_data_ptr<float>();

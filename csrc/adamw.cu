@@ -4,15 +4,16 @@
  *
  * Why: the trainer's step was the norm of the gradients (torch's _foreach_norm and a few small
  * kernels) and torch's fused AdamW dividing by the clip factor: 1.53 ms for the default model's
- * 141.7M parameters on the H200 against the 1.07 ms its memory traffic takes at the copy rate
- * (README, Performance; 32 bytes a parameter: the norm reads the gradient, the update reads the
- * weight, gradient and two moments and writes three of them). Both passes here are plain streams
- * of 16-byte accesses over contiguous ranges, the whole GPU busy until the last one.
+ * 141.7M parameters on the H200 against the 1.06 ms its memory traffic takes at the copy rate
+ * (32 bytes a parameter: the norm reads the gradient, the update reads the weight, gradient and
+ * two moments and writes three of them). Both passes here are plain streams of 16-byte accesses
+ * over contiguous ranges, the whole GPU busy until the last one: 1.38 ms in tools/bench_adamw.py,
+ * 1.29 in bench.py's opt:optimizer-ext (torch's 1.53 in both; H200, 2026-12-03).
  *
  * Three launches per group of up to kMaxTensors tensors (more tensors: more groups):
  *   squares: every block sums the squares of its range of gradients into one float32 partial
- *            (a fixed grid of kNormBlocksPerSm blocks a multiprocessor); block 0 adds 1 to the
- *            group's step counters (the update reads them after, in stream order).
+ *            (a grid of as many blocks as fit the GPU at once); block 0 adds 1 to the group's
+ *            step counters (the update reads them after, in stream order).
  *   norm:    one block adds every group's partials in a fixed order, in float64, and writes the
  *            norm (float32): the same bits on every run, which resume's exactness needs.
  *   update:  AdamW, each gradient times the clip factor min(1, max_norm / (norm + 1e-6)) (1 when
@@ -20,7 +21,7 @@
  *            step can be captured in a CUDA graph.
  * The tensors of a group are one index space of 4-float vectors, tensor after tensor; each block
  * of a launch takes one contiguous range of it (so of at most a few tensors) and its threads
- * stride through the range, kIlp vectors of each of the four arrays in flight per thread. A
+ * stride through the range, several vectors of each array in flight per thread. A
  * tensor's last vector, when its size is not a multiple of 4, and a tensor any of whose four
  * arrays is not 16-byte aligned, go element by element.
  *
@@ -44,8 +45,15 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxTensors = 48;  // a group's table: 48 x 64 bytes, under the 4 KB of kernel parameters
-constexpr int kNormBlocksPerSm = 2;  // the squares' grid: its partials are what the norm block adds
-constexpr int kIlp = 2;  // vectors per thread per round: 8 16-byte loads in flight
+// Vectors per thread per round, all in flight before the first use: the squares' 4 loads, the
+// update's 4 x 4 (p, g, m, v). H200, 2026-12-03 (tools/bench_adamw.py, the step of the default
+// model): the first version's squares had one load a thread in flight on 2 blocks a
+// multiprocessor (8 KB a multiprocessor), and the whole step took 1.71 ms against torch's 1.80;
+// with 4 loads and a full grid, updates of 1, 2 and 4 vectors a thread took 1.42, 1.40 and 1.38
+// ms (torch: 1.53), streaming (.cs) accesses 1.42 at 2, and capping the registers for more blocks
+// a multiprocessor (1 vector at 6 blocks, 2 at 4) 2.10 and 1.53.
+constexpr int kSquaresIlp = 4;
+constexpr int kIlp = 4;
 constexpr int kVec = 4;  // floats per 16-byte access
 constexpr float kClipEps = 1e-6f;  // clip_grad_norm_'s: max_norm / (norm + 1e-6)
 
@@ -98,18 +106,28 @@ __device__ float block_sum(float v, float* shared) {  // shared: kThreads / 32 f
   return total;  // thread 0's
 }
 
-__global__ void __launch_bounds__(kThreads) squares_kernel(const __grid_constant__ Table t, float* partial) {
+__global__ void __launch_bounds__(kThreads) adamw_squares_kernel(const __grid_constant__ Table t, float* partial) {
   __shared__ float shared[kThreads / 32];
   float acc = 0.0f;
   for_each_share(t, [&](const Slot& s, int64_t first, int64_t last) {
     const bool vec = s.vec != 0;
-    for (int64_t i = first + threadIdx.x; i < last; i += kThreads) {
-      const int64_t e = i * kVec;
-      if (vec && e + kVec <= s.numel) {
-        const float4 g = __ldcs(reinterpret_cast<const float4*>(s.g) + i);
-        acc += g.x * g.x + g.y * g.y + g.z * g.z + g.w * g.w;
-      } else {
-        for (int64_t k = e; k < s.numel && k < e + kVec; ++k) acc += s.g[k] * s.g[k];
+    for (int64_t i0 = first + threadIdx.x; i0 < last; i0 += kSquaresIlp * kThreads) {
+      float4 g[kSquaresIlp];
+      bool whole[kSquaresIlp];
+#pragma unroll
+      for (int u = 0; u < kSquaresIlp; ++u) {
+        const int64_t i = i0 + u * kThreads;
+        whole[u] = vec && i < last && (i + 1) * kVec <= s.numel;
+        if (whole[u]) g[u] = __ldcs(reinterpret_cast<const float4*>(s.g) + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kSquaresIlp; ++u) {
+        const int64_t i = i0 + u * kThreads;
+        if (whole[u]) {
+          acc += g[u].x * g[u].x + g[u].y * g[u].y + g[u].z * g[u].z + g[u].w * g[u].w;
+        } else if (i < last) {
+          for (int64_t k = i * kVec; k < s.numel && k < (i + 1) * kVec; ++k) acc += s.g[k] * s.g[k];
+        }
       }
     }
   });
@@ -121,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) squares_kernel(const __grid_constant
 
 // norm = sqrt(sum of the partials), in float64, in a fixed order: thread j takes partials j,
 // j + kThreads, ...; then thread 0 adds the threads' sums in order.
-__global__ void __launch_bounds__(kThreads) norm_kernel(const float* partial, int n, float* norm) {
+__global__ void __launch_bounds__(kThreads) adamw_norm_kernel(const float* partial, int n, float* norm) {
   __shared__ double sums[kThreads];
   double acc = 0.0;
   for (int i = threadIdx.x; i < n; i += kThreads) acc += partial[i];
@@ -146,7 +164,7 @@ __device__ __forceinline__ void adamw(float& p, float g, float& m, float& v, flo
   p = p - step_size * m / (sqrtf(v) / bc2_sqrt + eps);
 }
 
-__global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant__ Table t, const float* norm,
+__global__ void __launch_bounds__(kThreads) adamw_update_kernel(const __grid_constant__ Table t, const float* norm,
                                                           const float* lr_ptr, Hyper h) {
   const float lr = *lr_ptr;
   float clip = 1.0f;
@@ -155,9 +173,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
     clip = c > 1.0f ? 1.0f : c;  // a NaN norm stays NaN, as in clip_grad_norm_
   }
   for_each_share(t, [&](const Slot& s, int64_t first, int64_t last) {
-    const double step = *s.step;
-    const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), step)));
-    const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), step)));
+    // The bias corrections in float32, as torch's fused AdamW computes them (float64 took 64
+    // registers a thread, and with them a third of the blocks a multiprocessor could hold).
+    const float step = *s.step;
+    const float step_size = lr / (1.0f - powf(h.beta1, step));
+    const float bc2_sqrt = sqrtf(1.0f - powf(h.beta2, step));
     const float decay = 1.0f - lr * s.weight_decay;
     const bool vec = s.vec != 0;
     for (int64_t i0 = first + threadIdx.x; i0 < last; i0 += kIlp * kThreads) {
@@ -168,10 +188,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
         const int64_t i = i0 + u * kThreads;
         whole[u] = vec && i < last && (i + 1) * kVec <= s.numel;
         if (whole[u]) {
-          p[u] = __ldcs(reinterpret_cast<const float4*>(s.p) + i);
-          g[u] = __ldcs(reinterpret_cast<const float4*>(s.g) + i);
-          m[u] = __ldcs(reinterpret_cast<const float4*>(s.m) + i);
-          v[u] = __ldcs(reinterpret_cast<const float4*>(s.v) + i);
+          p[u] = reinterpret_cast<const float4*>(s.p)[i];
+          g[u] = reinterpret_cast<const float4*>(s.g)[i];
+          m[u] = reinterpret_cast<const float4*>(s.m)[i];
+          v[u] = reinterpret_cast<const float4*>(s.v)[i];
         }
       }
 #pragma unroll
@@ -182,9 +202,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
           adamw(p[u].y, g[u].y * clip, m[u].y, v[u].y, decay, h.beta1, h.beta2, step_size, bc2_sqrt, h.eps);
           adamw(p[u].z, g[u].z * clip, m[u].z, v[u].z, decay, h.beta1, h.beta2, step_size, bc2_sqrt, h.eps);
           adamw(p[u].w, g[u].w * clip, m[u].w, v[u].w, decay, h.beta1, h.beta2, step_size, bc2_sqrt, h.eps);
-          __stcs(reinterpret_cast<float4*>(s.p) + i, p[u]);
-          __stcs(reinterpret_cast<float4*>(s.m) + i, m[u]);
-          __stcs(reinterpret_cast<float4*>(s.v) + i, v[u]);
+          reinterpret_cast<float4*>(s.p)[i] = p[u];
+          reinterpret_cast<float4*>(s.m)[i] = m[u];
+          reinterpret_cast<float4*>(s.v)[i] = v[u];
         } else if (i < last) {
           for (int64_t k = i * kVec; k < s.numel && k < (i + 1) * kVec; ++k)
             adamw(s.p[k], s.g[k] * clip, s.m[k], s.v[k], decay, h.beta1, h.beta2, step_size, bc2_sqrt, h.eps);
@@ -223,14 +243,17 @@ cudaError_t adamw_step_cuda(const std::vector<at::Tensor>& params, const std::ve
     s.vec = aligned(s.p) && aligned(s.g) && aligned(s.m) && aligned(s.v);
     t.total += vectors(s.numel);
   }
-  int device = 0, sms = 1, per_sm = 1;
+  // Both passes fill the GPU: as many blocks as fit at once (the squares' count fixes the
+  // partials, so the norm's bits, for a given GPU and build).
+  int device = 0, sms = 1, squares_per_sm = 1, update_per_sm = 1;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, update_kernel, kThreads, 0) != cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&squares_per_sm, adamw_squares_kernel, kThreads, 0) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&update_per_sm, adamw_update_kernel, kThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query only costs a smaller grid
   }
-  const int norm_blocks = std::max(sms, 1) * kNormBlocksPerSm;
-  const int update_blocks = std::max(sms, 1) * std::max(per_sm, 1);
+  const int norm_blocks = std::max(sms, 1) * std::max(squares_per_sm, 1);
+  const int update_blocks = std::max(sms, 1) * std::max(update_per_sm, 1);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   float* norm_ptr = static_cast<float*>(norm.mutable_data_ptr());
   if (groups.empty()) return cudaMemsetAsync(norm_ptr, 0, sizeof(float), stream);
@@ -238,16 +261,15 @@ cudaError_t adamw_step_cuda(const std::vector<at::Tensor>& params, const std::ve
   at::Tensor partial = at::empty({partials}, norm.options());
   float* partial_ptr = static_cast<float*>(partial.mutable_data_ptr());
   for (size_t i = 0; i < groups.size(); ++i) {
-    squares_kernel<<<norm_blocks, kThreads, 0, stream>>>(groups[i], partial_ptr + i * norm_blocks);
+    adamw_squares_kernel<<<norm_blocks, kThreads, 0, stream>>>(groups[i], partial_ptr + i * norm_blocks);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
-  norm_kernel<<<1, kThreads, 0, stream>>>(partial_ptr, partials, norm_ptr);
+  adamw_norm_kernel<<<1, kThreads, 0, stream>>>(partial_ptr, partials, norm_ptr);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   const Hyper h{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
                 static_cast<float>(max_norm)};
   for (const Table& t : groups) {
-    update_kernel<<<update_blocks, kThreads, 0, stream>>>(t, norm_ptr, static_cast<const float*>(lr.const_data_ptr()),
-                                                          h);
+    adamw_update_kernel<<<update_blocks, kThreads, 0, stream>>>(t, norm_ptr, static_cast<const float*>(lr.const_data_ptr()), h);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   return cudaSuccess;
