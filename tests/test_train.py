@@ -358,6 +358,33 @@ def test_more_workers_than_cpus_are_lowered_with_one_note(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_extension_optimizer_step_equals_clip_grad_norm_then_adamw(tmp_path, data_dir):
+    """The trainer's adamw_step (impl ext) against its torch path (clip_grad_norm_, then
+    torch.optim.AdamW) on the same model and batches, with a clip that acts at every step; its
+    state is torch's AdamW state, so the checkpoint resumes with the other path."""
+    params, trainers = {}, {}
+    for name in ("ext", "ref"):
+        trainer = optimus.Trainer(*configs(tmp_path / name, data_dir, impl="ext", max_steps=4, gradient_clip_val=0.05,
+                                           learning_rate=1e-3, checkpoint_interval=4, eval_interval=4))
+        assert trainer.step_impl == "ext"
+        trainer.step_impl = name
+        batches = iter(optimus.train_loader(trainer.windows, 0, 4, 0, pin=False))
+        for _ in range(4):
+            trainer.train_step(batches)
+            trainer.step += 1
+        params[name] = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        trainers[name] = trainer
+    torch.testing.assert_close(params["ext"], params["ref"], rtol=1e-5, atol=1e-6)
+    states = [trainers[name].optimizer.state_dict()["state"] for name in ("ext", "ref")]
+    assert states[0].keys() == states[1].keys()
+    for a, b in zip(states[0].values(), states[1].values()):
+        assert float(a["step"]) == float(b["step"]) == 4
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    trainers["ext"].save("latest.pt")
+    common = dict(impl="ref", max_steps=6, gradient_clip_val=0.05, learning_rate=1e-3)
+    assert optimus.train(*configs(tmp_path / "ext", data_dir, resume=True, **common))["step"] == 6
+
 @requires_cuda
 def test_cuda_fused_loss_training_follows_the_reference_path(tmp_path, data_dir):
     """On the GPU, under bf16 autocast: both paths round their matmuls to bf16 in different places
