@@ -2130,9 +2130,10 @@ class Trainer:
 
     def resolve_step_impl(self) -> str:
         """The optimizer step's implementation: "ext", the extension's adamw_step (the clip's norm
-        and AdamW in two passes over the parameters), on CUDA whenever the extension builds and on a
-        CPU with impl ext; else "ref", torch's AdamW (fused on CUDA), which FSDP's sharded
-        parameters and float16's GradScaler need."""
+        and AdamW in two passes over the parameters: 1.29 against 1.53 ms for torch's fused AdamW
+        with the clip folded in, default model, H200, README Performance), on CUDA whenever the
+        extension builds and on a CPU with impl ext; else "ref", torch's AdamW (fused on CUDA),
+        which FSDP's sharded parameters and float16's GradScaler need."""
         if self.fsdp or self.rt.needs_grad_scaler:
             return "ref"
         impl = resolve_impl(self.model.cfg.impl, self.rt.device)
