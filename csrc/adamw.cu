@@ -10,7 +10,8 @@
  * over contiguous ranges, the whole GPU busy until the last one: 1.38 ms in tools/bench_adamw.py,
  * 1.29 in bench.py's opt:optimizer-ext (torch's 1.53 in both; H200, 2026-12-03).
  *
- * Three launches per group of up to kMaxTensors tensors (more tensors: more groups):
+ * Launches: a squares and an update launch per group of up to kMaxTensors tensors (more tensors:
+ * more groups), one norm launch between them:
  *   squares: every block sums the squares of its range of gradients into one float32 partial
  *            (a grid of as many blocks as fit the GPU at once); block 0 adds 1 to the group's
  *            step counters (the update reads them after, in stream order).
@@ -173,8 +174,7 @@ __global__ void __launch_bounds__(kThreads) adamw_update_kernel(const __grid_con
     clip = c > 1.0f ? 1.0f : c;  // a NaN norm stays NaN, as in clip_grad_norm_
   }
   for_each_share(t, [&](const Slot& s, int64_t first, int64_t last) {
-    // The bias corrections in float32, as torch's fused AdamW computes them (float64 took 64
-    // registers a thread, and with them a third of the blocks a multiprocessor could hold).
+    // The bias corrections in float32, as torch's fused AdamW computes them.
     const float step = *s.step;
     const float step_size = lr / (1.0f - powf(h.beta1, step));
     const float bc2_sqrt = sqrtf(1.0f - powf(h.beta2, step));
