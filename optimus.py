@@ -507,7 +507,7 @@ def _register_python_parts() -> None:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
     @torch.library.register_fake("optimus::sample")
-    def _(logits, race, temperature, top_k, top_p):
+    def _(logits, race, temperature, top_k, top_p, tokens=None, pos=None, done=None, eot_id=-1, table=None, x=None):
         return logits.new_empty(logits.shape[:1], dtype=torch.long)
 
     @torch.library.register_fake("optimus::decode_attention")
@@ -1160,19 +1160,23 @@ class Transformer(nn.Module):
             a.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
             m.wgu = torch.cat([m.gate.weight, m.up.weight])
 
+    def fused_step(self, batch: int, device: torch.device, fused_linear: bool | None = None) -> bool:
+        """Whether step_logits takes Block.decode_row for `batch` rows (see there)."""
+        fused = batch <= DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
+        return fused and self.kernels(device, training=False) == "ext" and self.blocks[0].attn.wqkv is not None
+
     def step_logits(self, tokens: torch.Tensor, pos: torch.Tensor, caches,
-                    fused_linear: bool | None = None) -> torch.Tensor:
+                    fused_linear: bool | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, vocab_size) for one new token per row, tokens and pos (B, 1), through
         the caches (after prepare_for_inference). On the extension, with `fused_linear` True (any
         batch) or None (up to DECODE_LINEAR_MAX_ROWS rows), the first block's norm + QKV is one
         decode_linear, each block is Block.decode_row (which also computes the next block's QKV), and
         the final norm folds into the LM head's decode_linear; otherwise (or False) hidden() and
-        logits()."""
-        impl = self.kernels(tokens.device, training=False)
-        fused = tokens.shape[0] <= DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
-        if not (fused and impl == "ext" and tokens.shape[1] == 1 and self.blocks[0].attn.wqkv is not None):
+        logits(). x (B, dim): the tokens' embedding rows, already gathered (the Decoder's sampling
+        step has its sampler write them), used on the decode_row path only."""
+        if not (tokens.shape[1] == 1 and self.fused_step(tokens.shape[0], tokens.device, fused_linear)):
             return self.logits(self.hidden(tokens, pos, caches)[:, -1])
-        x = self.tok_emb(tokens[:, 0])                                         # (B, dim)
+        x = self.tok_emb(tokens[:, 0]) if x is None else x                    # (B, dim)
         first = self.blocks[0]
         qkv = decode_linear(x, first.attn.wqkv, first.norm1.weight, None, first.norm1.eps, False, "ext")
         following = list(self.blocks[1:]) + [None]
@@ -2450,17 +2454,41 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return sample_with_race(logits, race, temperature, top_p, top_k, impl)
 
 
+def sample_advance_ref(token: torch.Tensor, tokens=None, pos=None, done=None, eot_id: int | None = None,
+                       table=None, x=None) -> torch.Tensor:
+    """What optimus::sample can do after its draw (csrc/sample.cpp), a decoding step's advance: with
+    done (B,) bool, rows already done take eot_id and a row drawing it is done from then on;
+    tokens ((B,) or (B, 1) int64) get the (masked) tokens, pos one more, x (B, D) the tokens'
+    rows of table (the next step's embedding rows). Each part is left out when its tensor is
+    None. Returns the masked tokens (B,)."""
+    if done is not None:
+        token = token.masked_fill(done, eot_id)
+        done |= token == eot_id
+    if tokens is not None:
+        tokens.copy_(token.view(tokens.shape))
+    if pos is not None:
+        pos += 1
+    if x is not None:
+        x.copy_(table[token])
+    return token
+
+
 def sample_with_race(logits: torch.Tensor, race: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                     impl: str = "auto") -> torch.Tensor:
+                     impl: str = "auto", **advance) -> torch.Tensor:
     """sample_next's draw with its race given: race (B, V) float32 contiguous, each E ~ Exp(1)
     (drawn by the caller: Decoder.sample_step draws it outside its CUDA graph, from the caller's
-    generator, as sample_next would). temperature 0 is argmax and ignores race."""
+    generator, as sample_next would). temperature 0 is argmax and ignores race. `advance`:
+    sample_advance_ref's tensors (tokens, pos, done, eot_id, table, x), done after the draw; the
+    extension's kernel does it in the same launch."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return sample_advance_ref(logits.argmax(-1), **advance)
     if impl == "ext" or (impl == "auto" and sampling_kernel_wins(logits.device) and
                          resolve_impl(impl, logits.device) == "ext"):
-        return torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
-    return (logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1)
+        a = dict(advance)
+        eot_id = a.pop("eot_id", None)
+        return torch.ops.optimus.sample(logits, race, temperature, top_k, top_p, **a,
+                                        eot_id=-1 if eot_id is None else eot_id)
+    return sample_advance_ref((logits_to_probs(logits, temperature, top_p, top_k) / race).argmax(-1), **advance)
 
 
 def logits_to_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -2503,6 +2531,7 @@ class CacheRows:
 
 
 SAMPLING_GRAPHS = 4  # Decoder.sample_step's graphs kept, one per sampling setting (the REPL can change it)
+PREFILL_GRAPHS = 16  # Decoder.prefill's graphs kept, one per padded prompt shape
 
 
 class Decoder:
@@ -2515,8 +2544,9 @@ class Decoder:
     launches a block at batch 1, five at more rows). On CUDA the one-token step is captured once in
     a CUDA graph (`self.graph`) and replayed, so a step costs one launch instead of one per kernel;
     its inputs and output live in static buffers. generate() steps through sample_step instead: the
-    same step with the sampling after it, in one graph per sampling setting.
-    `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
+    same step with the sampling after it, in one graph per sampling setting, whose sampler also
+    writes the next step's inputs (tokens, positions, embedding rows, end-of-text flags); and its
+    prefill replays a graph per padded prompt shape. `compile=True` runs that step through torch.compile first, which fuses its small kernels (the
     first step then takes tens of seconds; H200 numbers in the README). `fused_linear` is
     Transformer.step_logits' choice of Block.decode_row: None (up to DECODE_LINEAR_MAX_ROWS rows),
     True (any batch, on the extension) or False (never).
@@ -2533,24 +2563,34 @@ class Decoder:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)          # (B, 1)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)           # (B,) sample_step's
         self.race = None                                                           # (B, V) float32
+        # sample_step's embedding rows of self.tokens (B, dim), written by its sampler (on the
+        # decode_row path only; None otherwise); x_valid: whether they are self.tokens' rows.
+        self.x = torch.zeros(batch, model.cfg.dim, dtype=model.tok_emb.weight.dtype, device=device) \
+            if model.fused_step(batch, device, fused_linear) else None
+        self.x_valid = False
         self.sampling_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.forward_step = self._step
         if compile:  # the CUDA graph below launches the kernels: Inductor must not add its own graphs
             mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
             self.forward_step = torch.compile(self._step, mode=mode)  # graph breaks: CPU ref bounds checks
         self.graph = None
+        # prefill's CUDA graphs by input shape, captured at first use into one memory pool (None:
+        # eager prefills). Eager, a prefill is about a hundred launches from Python, bound by the
+        # host (H200: about 4.8 ms of a 256-token answer's 59.6, 2026-12-03).
+        self.prefill_graphs: dict[tuple, tuple] | None = None
         if use_graph if use_graph is not None else device.type == "cuda":
             # The capture writes slot 0 of the caches: prefill rewrites it before any read.
             self.graph, self.logits = self._capture(self.forward_step)
+            self.prefill_graphs, self.prefill_pool = {}, torch.cuda.graph_pool_handle()
 
-    def _step(self) -> torch.Tensor:
-        return self.model.step_logits(self.tokens, self.pos, self.caches, self.fused_linear)  # (B, V)
+    def _step(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.step_logits(self.tokens, self.pos, self.caches, self.fused_linear, x)  # (B, V)
 
-    def _capture(self, fn: typing.Callable[[], torch.Tensor],
-                 restore: tuple[torch.Tensor, ...] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """fn's CUDA graph and its output. Two warm-up calls run first, for real, on a side stream
-        (kernels load, libraries plan, workspaces settle); the tensors in `restore` are put back
-        after them."""
+    def _capture(self, fn: typing.Callable[[], torch.Tensor], restore: tuple[torch.Tensor, ...] = (),
+                 pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """fn's CUDA graph (in memory pool `pool`, or its own) and its output. Two warm-up calls run
+        first, for real, on a side stream (kernels load, libraries plan, workspaces settle); the
+        tensors in `restore` are put back after them."""
         saved = [t.clone() for t in restore]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -2561,13 +2601,32 @@ class Decoder:
         for t, old in zip(restore, saved):
             t.copy_(old)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = fn()
         return graph, out
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) right-padded, lengths (B,): fill the caches, return (B, V) next-token logits."""
+        """tokens (B, T) right-padded, lengths (B,): fill the caches, return (B, V) next-token logits.
+        With graphs (CUDA), one replay of the graph for tokens' shape (generate() pads prompts to
+        a few widths), captured at its first use; the PREFILL_GRAPHS most recent shapes are kept."""
+        if self.prefill_graphs is None or tokens.device.type != "cuda":
+            return self._prefill(tokens, lengths)
+        key = tuple(tokens.shape)
+        if key not in self.prefill_graphs:
+            if len(self.prefill_graphs) >= PREFILL_GRAPHS:  # the oldest shape's graph goes
+                del self.prefill_graphs[next(iter(self.prefill_graphs))]
+            static = (tokens.clone(), lengths.clone())
+            # The warm-ups fill the caches from these very tokens: the replay below writes them again.
+            self.prefill_graphs[key] = (static, *self._capture(lambda: self._prefill(*static), pool=self.prefill_pool))
+        (static_tokens, static_lengths), graph, logits = self.prefill_graphs.pop(key)
+        self.prefill_graphs[key] = ((static_tokens, static_lengths), graph, logits)  # now the newest
+        static_tokens.copy_(tokens)
+        static_lengths.copy_(lengths)
+        graph.replay()
+        return logits.clone()  # the pool's memory is the next prefill graph's too
+
+    def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape
         pos = torch.arange(T, device=tokens.device).expand(B, T)                  # (B, T)
         h = self.model.hidden(tokens, pos, self.caches)                            # (B, T, dim)
@@ -2593,6 +2652,7 @@ class Decoder:
         """tokens (B,) at positions pos (B,) -> (B, V) logits for the token after each."""
         self.tokens.copy_(tokens[:, None])
         self.pos.copy_(pos[:, None])
+        self.x_valid = False  # sample_step gathers the rows again
         if self.graph is None:
             return self.forward_step()
         self.graph.replay()
@@ -2605,19 +2665,24 @@ class Decoder:
         self.tokens.copy_(tokens[:, None])
         self.pos.copy_(pos[:, None])
         self.done.copy_(done)
+        self.gather_rows()
         if self.race is None or self.race.shape[1] != vocab:
             self.race = torch.empty(self.batch, vocab, dtype=torch.float32, device=self.tokens.device)
 
+    def gather_rows(self) -> None:
+        """self.x = the embedding rows of self.tokens (where sample_step reads them)."""
+        if self.x is not None:
+            self.x.copy_(self.model.tok_emb(self.tokens[:, 0]))
+        self.x_valid = True
+
     def _sample_step(self, temperature: float, top_p: float, top_k: int, eot_id: int | None,
                      impl: str) -> torch.Tensor:
-        logits = self.forward_step()                                                         # (B, V)
-        token = sample_with_race(logits, self.race, temperature, top_p, top_k, impl)        # (B,)
-        if eot_id is not None:
-            token = token.masked_fill(self.done, eot_id)
-            self.done |= token == eot_id
-        self.tokens.copy_(token[:, None])
-        self.pos += 1
-        return token
+        # The sampler also masks finished rows, writes the next step's tokens, positions and
+        # embedding rows (sample_advance_ref): on the extension all in its own launch.
+        logits = self.forward_step(self.x)                                                   # (B, V)
+        return sample_with_race(logits, self.race, temperature, top_p, top_k, impl, tokens=self.tokens,
+                                pos=self.pos, done=self.done if eot_id is not None else None, eot_id=eot_id,
+                                table=self.model.tok_emb.weight if self.x is not None else None, x=self.x)
 
     @torch.no_grad()
     def sample_step(self, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
@@ -2626,14 +2691,17 @@ class Decoder:
         by the last call, the next tokens sampled from them (sample_next's draw: the race comes from
         `generator` here, outside any graph, as sample_next draws it), the rows that are done kept
         at eot_id; returns those (B,) tokens, which are then the next call's input. On CUDA this is
-        one replay of a graph of the whole step (the forward, the sampling, the masks and the
-        position's increment), one graph per sampling setting, captured at its first use (the
+        one replay of a graph of the whole step (the forward, then the sampling, which on the
+        extension also masks finished rows, advances the positions and gathers the next
+        embedding rows in its own launch), one graph per sampling setting, captured at its first use (the
         CLI's warm-up captures its own); outside it only the race's draw and the copy of the
         tokens out. Before, each step launched about ten small kernels around the forward's graph
         (the draw, 4-6 sampling passes, the masks, the copies of tokens and positions)."""
         if temperature > 0:
             self.race.exponential_(1, generator=generator)
         key = (float(temperature), float(top_p), int(top_k), eot_id, impl)
+        if not self.x_valid:
+            self.gather_rows()
         if self.graph is None:
             return self._sample_step(*key)
         if key not in self.sampling_graphs:
@@ -2648,13 +2716,14 @@ class Decoder:
         """sample_step's graph for one setting. The inputs its warm-up steps change are put back;
         the cache slots they write, at pos and pos + 1 (< max_seq_len: generate() steps there
         next), are written again by the next steps before any step reads them."""
-        return self._capture(lambda: self._sample_step(*key), (self.tokens, self.pos, self.done))
+        restore = (self.tokens, self.pos, self.done) + ((self.x,) if self.x is not None else ())
+        return self._capture(lambda: self._sample_step(*key), restore)
 
     def warm_up(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> None:
         """One short answer, thrown away, read the way `answer` reads one (read_behind: the pinned
         copies, the end-of-text masks and stop checks; it captures sample_step's graph for these
-        settings), then on CUDA one prefill of every padded prompt width, and a wait for all of
-        it. A kernel's first launch loads it, a pinned buffer's
+        settings), then on CUDA one prefill of every padded prompt width (capturing its graph),
+        and a wait for all of it. A kernel's first launch loads it, a pinned buffer's
         first allocation maps it, and each new prefill width makes the attention and matmul
         libraries plan anew (H200: the first answer to a 100-token prompt, width 128, waited 80 ms
         for its first token, the next ones 7 ms): without this, the first answer's tokens/s and

@@ -36,7 +36,11 @@ TORCH_LIBRARY(optimus, m) {
       "Tensor(b!) v_cache, Tensor(c!) status, Tensor(d!) counts, int num_heads, float scale) -> Tensor");
   // One token per row of logits (B, V), drawn from logits_to_probs(logits, temperature, top_p,
   // top_k) by the exponential race with the given Exp(1) noise race (B, V) float32; (B,) int64.
-  m.def("sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p) -> Tensor");
+  // Optionally also the decoding step's advance (sample.cpp): end-of-text masks, the tokens and
+  // positions of the next step, its embedding rows.
+  m.def(
+      "sample(Tensor logits, Tensor race, float temperature, int top_k, float top_p, Tensor(a!)? tokens=None, "
+      "Tensor(b!)? pos=None, Tensor(c!)? done=None, int eot_id=-1, Tensor? table=None, Tensor(d!)? x=None) -> Tensor");
   // (x + delta, RMSNorm(x + delta) * weight): a residual add and the next norm in one pass
   // (delta absent: x and its norm).
   m.def("add_rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)");

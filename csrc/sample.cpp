@@ -25,6 +25,14 @@
  * int64. A row whose logits are all NaN or -inf returns token 0.
  *
  * Dtypes: logits float32, bfloat16, float16; math in float32 (sums in float64 on CPU).
+ *
+ * The decoding step's advance (optional, each part on its own; sample_advance_ref in optimus.py):
+ * with done (B,) bool and eot_id, rows already done take eot_id and a row drawing eot_id is done
+ * from then on; the returned tokens are those masked ones, also written to tokens (B,) or (B, 1)
+ * int64; pos (B,) or (B, 1) int64 counts one more; with table (N, D) and x (B, D) of one dtype,
+ * x[b] = table[token b] (the next step's embedding row). The Decoder's sampling step is then
+ * this one launch after the LM head, where it was five more (the masks, the copy of the tokens,
+ * the position's increment and the next step's embedding gather).
  */
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -43,6 +51,7 @@
 #include <limits>
 #include <vector>
 
+#include "sample.h"
 #include "text.h"
 
 namespace optimus {
@@ -121,19 +130,84 @@ void check_args(const at::Tensor& logits, const at::Tensor& race, double tempera
               " exceeds the kernel's 32-bit index");
 }
 
+// One int64 (or bool) value per row: (B,) or (B, 1), contiguous, on logits' device.
+void check_rows(const at::Tensor& logits, const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  const int64_t B = logits.size(0);
+  const bool rows = (t.dim() == 1 && t.size(0) == B) || (t.dim() == 2 && t.size(0) == B && t.size(1) == 1);
+  TORCH_CHECK(rows && t.scalar_type() == dtype && t.is_contiguous() && t.device() == logits.device(), kOp, ": ", name,
+              " must be a contiguous ", dtype, " tensor of shape (", num(B), ") or (", num(B), ", 1) on ",
+              logits.device(), ", got ", t.scalar_type(), " of shape ", shape(t.sizes()), " on ", t.device());
+}
+
+SampleStep step_args(const at::Tensor& logits, const std::optional<at::Tensor>& tokens,
+                     const std::optional<at::Tensor>& pos, const std::optional<at::Tensor>& done, int64_t eot_id,
+                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& x) {
+  SampleStep step;
+  if (tokens) {
+    check_rows(logits, *tokens, "tokens", at::kLong);
+    step.tokens = tokens->mutable_data_ptr<int64_t>();
+  }
+  if (pos) {
+    check_rows(logits, *pos, "pos", at::kLong);
+    step.pos = pos->mutable_data_ptr<int64_t>();
+  }
+  if (done) {
+    check_rows(logits, *done, "done", at::kBool);
+    TORCH_CHECK(eot_id >= 0, kOp, ": done needs the end-of-text token eot_id (>= 0), got ", num(eot_id));
+    step.done = done->mutable_data_ptr<bool>();
+    step.eot = eot_id;
+  }
+  TORCH_CHECK(table.has_value() == x.has_value(), kOp, ": pass table and x together (the embedding table and the "
+              "next step's rows) or neither");
+  if (table) {
+    const int64_t B = logits.size(0), D = table->dim() == 2 ? table->size(1) : -1;
+    TORCH_CHECK(table->dim() == 2 && table->size(0) >= logits.size(1) && table->is_contiguous(), kOp,
+                ": table must be a contiguous (N, D) tensor with N >= the logits' ", num(logits.size(1)),
+                " tokens, got shape ", shape(table->sizes()));
+    TORCH_CHECK(x->dim() == 2 && x->size(0) == B && x->size(1) == D && x->is_contiguous() &&
+                x->scalar_type() == table->scalar_type(), kOp, ": x must be a contiguous (", num(B), ", ", num(D),
+                ") tensor of table's dtype ", table->scalar_type(), ", got ", x->scalar_type(), " of shape ",
+                shape(x->sizes()));
+    TORCH_CHECK(table->device() == logits.device() && x->device() == logits.device(), kOp,
+                ": table and x must be on logits' device ", logits.device());
+    step.table = static_cast<const char*>(table->const_data_ptr());
+    step.x = static_cast<char*>(x->mutable_data_ptr());
+    step.row_bytes = D * table->element_size();
+  }
+  return step;
+}
+
+// The advance on the CPU (and on CUDA where the kernel's row copy does not apply), after the draw.
+void advance_cpu(const SampleStep& step, at::Tensor& out, const std::optional<at::Tensor>& table,
+                 const std::optional<at::Tensor>& x) {
+  int64_t* token = out.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < out.size(0); ++b) {
+    if (step.done != nullptr) {
+      if (step.done[b]) token[b] = step.eot;
+      if (token[b] == step.eot) step.done[b] = true;
+    }
+    if (step.tokens != nullptr) step.tokens[b] = token[b];
+    if (step.pos != nullptr) step.pos[b] += 1;
+  }
+  if (table) x->copy_(table->index_select(0, out));
+}
+
 #ifdef OPTIMUS_WITH_CUDA
 }  // namespace
 
 // The CUDA launcher (sample.cu): it only launches, and returns the launch's error code.
 cudaError_t sample_cuda(const at::Tensor& logits, const at::Tensor& race, float temperature, int64_t top_k,
-                        float top_p, at::Tensor& out);
+                        float top_p, const SampleStep& step, at::Tensor& out);
 
 namespace {
 #endif
 
 at::Tensor sample_op(const at::Tensor& logits, const at::Tensor& race, double temperature, int64_t top_k,
-                     double top_p) {
+                     double top_p, const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& pos,
+                     const std::optional<at::Tensor>& done, int64_t eot_id, const std::optional<at::Tensor>& table,
+                     const std::optional<at::Tensor>& x) {
   check_args(logits, race, temperature, top_k, top_p);
+  const SampleStep step = step_args(logits, tokens, pos, done, eot_id, table, x);
   const c10::OptionalDeviceGuard device_guard(logits.device());
   const at::Tensor l = logits.stride(1) == 1 && logits.stride(0) >= logits.size(1) ? logits : logits.contiguous();
   // logits_to_probs' divisor: max(temperature, smallest normal float32), rounded to float32.
@@ -142,13 +216,21 @@ at::Tensor sample_op(const at::Tensor& logits, const at::Tensor& race, double te
   if (logits.size(0) == 0) return out;
 #ifdef OPTIMUS_WITH_CUDA
   if (logits.is_cuda()) {
-    C10_CUDA_CHECK(sample_cuda(l, race, t, top_k, static_cast<float>(top_p), out));
+    // The kernel copies x's rows in 16-byte units: other rows take a gather after it.
+    SampleStep fused = step;
+    const bool whole = step.x == nullptr || (step.row_bytes % 16 == 0 &&
+                                             reinterpret_cast<uintptr_t>(step.table) % 16 == 0 &&
+                                             reinterpret_cast<uintptr_t>(step.x) % 16 == 0);
+    if (!whole) fused.table = nullptr, fused.x = nullptr;
+    C10_CUDA_CHECK(sample_cuda(l, race, t, top_k, static_cast<float>(top_p), fused, out));
+    if (!whole) x->copy_(table->index_select(0, out));
     return out;
   }
 #endif
   AT_DISPATCH_V2(logits.scalar_type(), "sample_cpu", AT_WRAP([&] {
     sample_kernel<scalar_t>(l, race, t, top_k, top_p, out);
   }), at::kFloat, at::kBFloat16, at::kHalf);
+  advance_cpu(step, out, table, x);
   return out;
 }
 

@@ -8,7 +8,7 @@ import torch
 
 import data_prep
 import optimus
-from conftest import ROOT, requires_cuda
+from conftest import DEVICES, ROOT, requires_cuda
 
 
 def nucleus_reference(probs, top_p):
@@ -604,6 +604,101 @@ def test_sampling_op_opcheck():
     logits = torch.randn(3, 40)
     race = torch.empty(3, 40).exponential_(1)
     torch.library.opcheck(torch.ops.optimus.sample, (logits, race, 0.8, 5, 0.9))
+    step = dict(tokens=torch.zeros(3, 1, dtype=torch.long), pos=torch.arange(3), done=torch.tensor([True, False, False]),
+                eot_id=7, table=torch.randn(41, 8), x=torch.zeros(3, 8))
+    torch.library.opcheck(torch.ops.optimus.sample, (logits, race, 0.8, 5, 0.9), step)
+
+
+def advance_inputs(B, V, D, device, dtype=torch.bfloat16):
+    """Logits where row 1 puts all its mass on the end-of-text token 3, row 0 is already done,
+    and the others draw freely; the step's tensors as the Decoder holds them."""
+    logits = torch.randn(B, V, device=device).to(dtype)
+    logits[1] = -1e4
+    logits[1, 3] = 10
+    race = torch.empty(B, V, device=device).exponential_(1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done[0] = True
+    step = dict(tokens=torch.full((B, 1), -1, dtype=torch.long, device=device),
+                pos=torch.arange(B, device=device)[:, None] + 5, done=done, eot_id=3,
+                table=torch.randn(V + 9, D, device=device).to(dtype), x=torch.zeros(B, D, device=device, dtype=dtype))
+    return logits, race, step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [1024, 7], ids=["whole_packs", "odd_rows"])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 0, 0.9), (1.0, 20, 1.0)], ids=["top-p", "top-k"])
+def test_sampling_op_advances_the_step_as_its_reference(device, D, temperature, top_k, top_p):
+    """optimus::sample's advance (end-of-text masks, next tokens, positions, embedding rows) is
+    sample_advance_ref's applied to the op's own draw: a done row keeps eot, a row drawing eot
+    becomes done, the others keep their draw."""
+    optimus.load_extension()
+    logits, race, step = advance_inputs(6, 300, D, device)
+    want = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    drawn = torch.ops.optimus.sample(logits, race, temperature, top_k, top_p)
+    token = torch.ops.optimus.sample(logits, race, temperature, top_k, top_p, **step)
+    want_token = optimus.sample_advance_ref(drawn, **want)
+    assert torch.equal(token, want_token) and token[0] == 3 and token[1] == 3
+    assert torch.equal(token[2:], drawn[2:])
+    for name in ("tokens", "pos", "done", "x"):
+        assert torch.equal(step[name], want[name]), name
+    assert step["done"][:2].all() and torch.equal(step["x"], step["table"][token])
+
+
+def test_sampling_op_advance_arguments_are_named():
+    optimus.load_extension()
+    logits, race, step = advance_inputs(2, 50, 8, "cpu")
+    sample = torch.ops.optimus.sample
+    with pytest.raises(RuntimeError, match="pass table and x together"):
+        sample(logits, race, 0.8, 0, 0.9, table=step["table"])
+    with pytest.raises(RuntimeError, match="done needs the end-of-text token"):
+        sample(logits, race, 0.8, 0, 0.9, done=step["done"])
+    with pytest.raises(RuntimeError, match=r"tokens must be a contiguous Long tensor of shape \(2\) or \(2, 1\)"):
+        sample(logits, race, 0.8, 0, 0.9, tokens=step["tokens"].int())
+    with pytest.raises(RuntimeError, match="table must be a contiguous"):
+        sample(logits, race, 0.8, 0, 0.9, table=step["table"][:10], x=step["x"])
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        sample(logits, race, 0.8, 0, 0.9, table=step["table"], x=step["x"].float())
+
+
+@requires_cuda
+def test_cuda_prefill_graphs_equal_eager_prefills():
+    """Decoder.prefill through its CUDA graphs (one per padded shape, captured at first use, the
+    newest kept) gives the eager prefill's logits and cache contents bit for bit, with new tokens
+    and lengths at each replay."""
+    torch.manual_seed(0)
+    model_cfg, _ = optimus.make_configs("base")
+    model = optimus.Transformer(model_cfg).cuda().to(torch.bfloat16).eval()
+    graphed, eager = optimus.Decoder(model, 2), optimus.Decoder(model, 2, use_graph=False)
+    for width, lengths in [(64, [16, 40]), (128, [100, 70]), (64, [64, 1]), (128, [3, 128])]:
+        tokens = torch.randint(0, 50257, (2, width), device="cuda")
+        lengths = torch.tensor(lengths, device="cuda")
+        got, want = graphed.prefill(tokens, lengths), eager.prefill(tokens, lengths)
+        assert torch.equal(got, want), width
+        for a, b in zip(graphed.caches, eager.caches):
+            assert torch.equal(a.k[:, :, :width], b.k[:, :, :width]) and torch.equal(a.v[:, :, :width], b.v[:, :, :width])
+    assert sorted(graphed.prefill_graphs) == [(2, 64), (2, 128)] and eager.prefill_graphs is None
+
+
+@requires_cuda
+def test_cuda_sampling_step_launches_only_the_step_and_its_sampler():
+    """On the decode_row path the sampling step of the default model is its kernels and the
+    sampler, which also masks, advances and gathers the next embedding rows: no copy, gather or
+    pointwise launch."""
+    torch.manual_seed(0)
+    model_cfg, _ = optimus.make_configs("base", impl="ext")
+    model = optimus.Transformer(model_cfg).cuda().to(torch.bfloat16).eval()
+    decoder = optimus.Decoder(model, 1, use_graph=False)
+    decoder.begin(torch.tensor([5], device="cuda"), torch.tensor([3], device="cuda"),
+                  torch.zeros(1, dtype=torch.bool, device="cuda"), model_cfg.vocab_size)
+    decoder.race.exponential_(1)
+    decoder._sample_step(0.8, 0.9, 0, optimus.EOT_ID, "ext")  # warm
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decoder._sample_step(0.8, 0.9, 0, optimus.EOT_ID, "ext")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names and all(any(k in n for k in ("decode_linear", "rope_append_attention", "decode_tail", "sample"))
+                         for n in names), names
 
 
 def test_cached_generation_with_the_extension_equals_full_forward_passes():
