@@ -8,7 +8,8 @@
 # Needs .carry/tiktoken_cache.
 # PART: a comma-separated subset of tests,sdpa,train,glue,trainkernels,steptests,cli,bench (run a:
 # tests,tail,decode,sdpa,train; b: glue,trainkernels; c: steptests,glue,bench; d: the same and cli;
-# e: glue).
+# e: glue; f: a variant of the loss kernel holding its rows in registers, against the two-pass
+# one, since reverted with the part "ce" that ran it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
