@@ -1154,11 +1154,19 @@ class Transformer(nn.Module):
         """Pack each block's wq, wk, wv into one ((H + 2 KV) hd, dim) matrix and gate, up into one
         (2 hidden, dim) matrix: the cached path then runs one GEMM for each group. They are
         non-persistent buffers (state_dict, checkpoints and export keep the separate weights) and
-        copies: call again after the weights change (every Decoder does when it is built)."""
+        copies: call again after the weights change (every Decoder does when it is built). A pack
+        of the same shape, dtype and device is refreshed in place, so the CUDA graphs that an
+        earlier Decoder of this model captured keep reading live memory, and the new values."""
+        def pack(old: torch.Tensor | None, parts: list[torch.Tensor]) -> torch.Tensor:
+            new = torch.cat(parts)
+            if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
+                return old.copy_(new)
+            return new
+
         for block in self.blocks:
             a, m = block.attn, block.mlp
-            a.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
-            m.wgu = torch.cat([m.gate.weight, m.up.weight])
+            a.wqkv = pack(a.wqkv, [a.wq.weight, a.wk.weight, a.wv.weight])
+            m.wgu = pack(m.wgu, [m.gate.weight, m.up.weight])
 
     def fused_step(self, batch: int, device: torch.device, fused_linear: bool | None = None) -> bool:
         """Whether step_logits takes Block.decode_row for `batch` rows (see there)."""

@@ -853,3 +853,21 @@ def test_cuda_sampling_kernel_replays_in_a_cuda_graph(V):
         race.exponential_(1)
         graph.replay()
         assert torch.equal(out, torch.ops.optimus.sample(logits, race, 0.8, 0, 0.9))
+
+
+def test_a_second_decoder_refreshes_the_packed_weights_in_place():
+    """Each Decoder packs the model's weights (prepare_for_inference). A second Decoder of the same
+    model refreshes the first one's packs in place: the same storage, which the CUDA graphs the
+    first one captured read, now holding the weights' current values."""
+    model = tiny_model(4)
+    optimus.Decoder(model, 1)
+    storage = [(b.attn.wqkv.data_ptr(), b.mlp.wgu.data_ptr()) for b in model.blocks]
+    first = model.blocks[0]
+    with torch.no_grad():
+        first.attn.wk.weight.add_(1.0)
+        first.mlp.up.weight.mul_(2.0)
+    optimus.Decoder(model, 1)
+    assert [(b.attn.wqkv.data_ptr(), b.mlp.wgu.data_ptr()) for b in model.blocks] == storage
+    a, m = first.attn, first.mlp
+    assert torch.equal(a.wqkv, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+    assert torch.equal(m.wgu, torch.cat([m.gate.weight, m.up.weight]))
