@@ -679,6 +679,20 @@ def hf_decode_seconds(model, prompts: torch.Tensor, new_tokens: int, device: tor
     return seconds
 
 
+def answer_seconds(model, decoder, prompts: list[list[int]], new_tokens: int, device: torch.device) -> float:
+    """Seconds per generate() answer, as bench_decode times one: the prompts' prefill and
+    new_tokens tokens a row (temperature 0.8, top-p 0.9, no end-of-text stop, a generator seeded 0),
+    until the last token is on the host; seconds_per_call's median."""
+    generator = torch.Generator(device).manual_seed(0)
+
+    def run(i: int) -> None:
+        for token in optimus.generate(model, prompts, new_tokens, temperature=0.8, top_p=0.9,
+                                      generator=generator, eot_id=None, decoder=decoder):
+            pass
+        token.cpu()  # the last token on the host: the whole answer is done
+    return seconds_per_call(run, device, STEP_BUDGETS[device.type])
+
+
 def bench_decode(device: torch.device, hf: bool = True, profile: bool = True,
                  batches: tuple[int, ...] | None = None) -> list[dict]:
     """Generation: 256 new tokens (top-p 0.9, temperature 0.8) after a 16-token prompt, random
@@ -711,15 +725,7 @@ def bench_decode(device: torch.device, hf: bool = True, profile: bool = True,
             optimus.resolve_impl(impl, device)
             decoder = optimus.Decoder(model, batch, use_graph=graph, fused_linear=fused_linear)
             prompts = torch.randint(0, optimus.EOT_ID, (batch, 16))
-            generator = torch.Generator(device).manual_seed(0)
-
-            def run(i: int) -> None:
-                for token in optimus.generate(model, prompts.tolist(), new_tokens, temperature=0.8, top_p=0.9,
-                                              generator=generator, eot_id=None, decoder=decoder):
-                    pass
-                token.cpu()  # the last token on the host: the whole answer is done
-
-            seconds = seconds_per_call(run, device, STEP_BUDGETS[device.type])
+            seconds = answer_seconds(model, decoder, prompts.tolist(), new_tokens, device)
             fused = batch <= optimus.DECODE_LINEAR_MAX_ROWS if fused_linear is None else fused_linear
             row = {"path": "optimus", "impl": impl, "cuda_graph": graph, "decode_linear": impl == "ext" and fused,
                    "batch": batch, "new_tokens": new_tokens,

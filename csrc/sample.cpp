@@ -177,7 +177,8 @@ SampleStep step_args(const at::Tensor& logits, const std::optional<at::Tensor>& 
   return step;
 }
 
-// The advance on the CPU (and on CUDA where the kernel's row copy does not apply), after the draw.
+// The advance on the CPU, after the draw (on CUDA the kernel does it; sample_op gathers the rows
+// whose copy the kernel does not take).
 void advance_cpu(const SampleStep& step, at::Tensor& out, const std::optional<at::Tensor>& table,
                  const std::optional<at::Tensor>& x) {
   int64_t* token = out.mutable_data_ptr<int64_t>();

@@ -3,7 +3,7 @@ process: bench.bench_decode's generation (default model, bf16, random weights, 1
 256 new tokens, temperature 0.8, top-p 0.9), one fresh Decoder (and CUDA graph) per setting and
 round, so a setting read at capture time applies. tokens/s and ms per token, median.
 
-    python tools/bench_decode_ab.py --settings "OPTIMUS_TAIL_SYNC=1;OPTIMUS_TAIL_SYNC=0" [--rounds 2]
+    python tools/bench_decode_ab.py --settings "OPTIMUS_DECODE_TAIL=1;OPTIMUS_DECODE_TAIL=0" [--rounds 2]
 """
 import argparse
 import os
@@ -35,14 +35,7 @@ def main() -> None:
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             decoder = optimus.Decoder(model, args.batch)
-            generator = torch.Generator(dev).manual_seed(0)
-
-            def run(i: int) -> None:
-                for token in optimus.generate(model, prompts, new_tokens, temperature=0.8, top_p=0.9,
-                                              generator=generator, eot_id=None, decoder=decoder):
-                    pass
-                token.cpu()
-            seconds = bench.seconds_per_call(run, dev, bench.STEP_BUDGETS["cuda"])
+            seconds = bench.answer_seconds(model, decoder, prompts, new_tokens, dev)
             print(f"round {r} {','.join(f'{k}={v}' for k, v in env.items()) or 'defaults':60s} "
                   f"{args.batch * new_tokens / seconds:8,.0f} tokens/s  {seconds / new_tokens * 1e3:.4f} ms/token",
                   flush=True)

@@ -95,13 +95,7 @@ def main() -> None:
     for r in range(2):
         for name, pg in (("prefill graphs", graphs), ("eager prefill", None)):
             dec.prefill_graphs = pg
-            g = torch.Generator(dev).manual_seed(0)
-
-            def run(i):
-                for t in optimus.generate(model, prompts, 256, 0.8, 0.9, generator=g, eot_id=None, decoder=dec):
-                    pass
-                t.cpu()
-            seconds = bench.seconds_per_call(run, dev, bench.STEP_BUDGETS["cuda"])
+            seconds = bench.answer_seconds(model, dec, prompts, 256, dev)
             print(f"round {r} generate, {name:15s} {256 / seconds:8,.0f} tokens/s  {seconds * 1e3:.2f} ms an answer",
                   flush=True)
     dec.prefill_graphs = graphs
