@@ -657,7 +657,9 @@ def load_extension(verbose: bool = False) -> None:
             # subnormals to zero everywhere).
             extra_cflags=["-O3", "-fno-trapping-math", *(["-DOPTIMUS_WITH_CUDA"] if with_cuda else []), *openmp],
             extra_ldflags=openmp,
-            extra_cuda_cflags=["-O3", "-lineinfo"],
+            # OPTIMUS_PHASE_CLOCKS=1: kernels that print their phases' clocks (csrc/phase_clocks.h).
+            extra_cuda_cflags=["-O3", "-lineinfo",
+                               *(["-DOPTIMUS_PHASE_CLOCKS"] if os.environ.get("OPTIMUS_PHASE_CLOCKS") == "1" else [])],
         )
     finally:
         timer.cancel()

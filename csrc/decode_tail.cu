@@ -66,6 +66,7 @@
 #include <cstring>
 
 #include "pdl.h"
+#include "phase_clocks.h"
 
 namespace optimus {
 namespace {
@@ -227,6 +228,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads, 1) decode_tail_kernel(Args<T> a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float partial[kNormThreads / 32];
+  PHASE_CLOCKS_BEGIN();  // tools/phase_clocks.py names the points
   const T* slice[kMatrices];
   int first[kMatrices], count[kMatrices];
   const int Ns[kMatrices] = {a.D, a.Hd, a.Hd, a.D, a.Nq};
@@ -254,46 +256,61 @@ __global__ void __launch_bounds__(kThreads, 1) decode_tail_kernel(Args<T> a) {
     gain2[k] = static_cast<float>(a.norm2[k]);
     if (a.next_norm != nullptr) gain_next[k] = static_cast<float>(a.next_norm[k]);
   }
+  PHASE_CLOCK();
   pdl_wait();  // y and x are earlier kernels' output
+  PHASE_CLOCK();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
   // C: x1 = x + y @ wo^T
   stage_row<T, V>(xs, a.y, a.A, nullptr, 0.0f, partial);
+  PHASE_CLOCK();
   wait_copies<3>();
+  PHASE_CLOCK();
   for (int i = warp; i < count[0]; i += kWarps) {
     const int j = first[0] + i;
     const float residual = lane == 0 ? load_cg(a.x + j) : 0.0f;  // in flight during the sum
     const float acc = warp_dot<T, V>(xs, slice[0] + int64_t{i} * a.A, a.A);
     if (lane == 0) a.x1[j] = static_cast<T>(residual + round_to<T>(acc));
   }
+  PHASE_CLOCK();
   grid_barrier(0);
+  PHASE_CLOCK();
 
   // D: h = swiglu(norm2(x1) @ [gate; up]^T)
   stage_row<T, V>(xs, a.x1, a.D, gain2, a.eps, partial);
+  PHASE_CLOCK();
   wait_copies<2>();
+  PHASE_CLOCK();
   for (int i = warp; i < count[1]; i += kWarps) {
     const float g = round_to<T>(warp_dot<T, V>(xs, slice[1] + int64_t{i} * a.D, a.D));
     const float u = round_to<T>(warp_dot<T, V>(xs, slice[2] + int64_t{i} * a.D, a.D));
     if (lane == 0) a.h[first[1] + i] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
   }
+  PHASE_CLOCK();
   grid_barrier(1);
+  PHASE_CLOCK();
   const bool following = a.w[4] != nullptr;
   if (!following) barriers_done();
 
   // E: out = x1 + h @ wdown^T
   stage_row<T, V>(xs, a.h, a.Hd, nullptr, 0.0f, partial);
+  PHASE_CLOCK();
   wait_copies<1>();
+  PHASE_CLOCK();
   for (int i = warp; i < count[3]; i += kWarps) {
     const int j = first[3] + i;
     const float residual = lane == 0 ? load_cg(a.x1 + j) : 0.0f;
     const float acc = warp_dot<T, V>(xs, slice[3] + int64_t{i} * a.Hd, a.Hd);
     if (lane == 0) a.out[j] = static_cast<T>(residual + round_to<T>(acc));
   }
+  PHASE_CLOCK();
   if (!following) {
     pdl_launch_dependents();
+    PHASE_CLOCKS_PRINT("decode_tail", blockIdx.x, blockIdx.x == 0 || blockIdx.x == gridDim.x - 1);
     return;
   }
   grid_barrier(2);
+  PHASE_CLOCK();
   barriers_done();
   pdl_launch_dependents();  // every block is past the last barrier: the next kernel may take SMs
 
@@ -304,6 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_tail_kernel(Args<T> a) {
     const float acc = warp_dot<T, V>(xs, slice[4] + int64_t{i} * a.D, a.D);
     if (lane == 0) a.qkv[first[4] + i] = static_cast<T>(acc);
   }
+  PHASE_CLOCK();
+  PHASE_CLOCKS_PRINT("decode_tail", blockIdx.x, blockIdx.x == 0 || blockIdx.x == gridDim.x - 1);
 }
 
 // ----------------------------------------------------------------------------- launcher

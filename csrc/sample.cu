@@ -51,6 +51,7 @@
 #include <cstdlib>
 
 #include "pdl.h"
+#include "phase_clocks.h"
 #include "sample.h"
 
 namespace optimus {
@@ -439,12 +440,14 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
   __shared__ Scratch scratch;
   __shared__ RowState st;  // the same in every block of the cluster
 
+  PHASE_CLOCKS_BEGIN();  // tools/phase_clocks.py names the points
   const int row = blockIdx.x / C, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int lo = rank * a.slice, n = max(0, min(a.V, lo + a.slice) - lo);
   const T* l = logits + row * a.ld + lo;
   const float* r = race + static_cast<int64_t>(row) * a.V + lo;
   if (tid == 0) st = RowState{};
   pdl_wait();
+  PHASE_CLOCK();
 
   constexpr int kClusterLoads = 8;  // tokens a thread loads at once (a whole slice of the GPT-2 row)
   uint32_t kmax = 0;
@@ -462,6 +465,7 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
     }
   }
   kmax = block_max<kClusterWarps>(kmax, warp_max);
+  PHASE_CLOCK();
   if (tid == 0)  // into every block of the cluster
     for (int to = 0; to < C; ++to) *cluster.map_shared_rank(&maxes[rank], to) = kmax;
 
@@ -507,10 +511,12 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
     decide(c, m, scratch, counting, top_p_start, pass + 1 == a.key_passes, pass == 0 ? a.top_k : st.need_count,
            top_p_start ? a.top_p : st.need_mass, prefix, shift, &st);
     __syncthreads();  // st is written
+    PHASE_CLOCK();
   };
 
   if (a.top_k > 0) select_pass(true, 0, 0.f, -INFINITY);  // counts need no max: its barrier is the max's
   else cluster.sync();
+  PHASE_CLOCK();
   uint32_t max_key = 0;
   for (int from = 0; from < C; ++from) max_key = max(max_key, maxes[from]);
   const float mx = key_value(max_key, 4);
@@ -524,8 +530,11 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
   for (int i = tid; i < n; i += kClusterThreads)
     best = max_u64(best, race_entry(vals[i], noise + i, lo + i, mx, a.temperature, x_kth, tau));
   best = block_max<kClusterWarps>(best, warp_best);
+  PHASE_CLOCK();
   if (tid == 0) *cluster.map_shared_rank(&bests[rank], 0) = best;
   cluster.sync();
+  PHASE_CLOCK();
+  PHASE_CLOCKS_PRINT("sample", rank, row == 0 && (rank == 0 || rank == C - 1));
   __shared__ int64_t token;
   if (rank == 0 && tid == 0) {
     for (int from = 0; from < C; ++from) best = max_u64(best, bests[from]);
