@@ -91,34 +91,28 @@ struct SampleArgs {
   int slice;          // tokens per block
   int key_passes;     // significant 8-bit digits of the keys: 2 bf16, 3 fp16, 4 fp32
   int phase, pass;
-  // The decoding step's advance (sample.cpp), each part absent when null: the sampled token
-  // goes to tokens[row] (rows already done take eot, and a row drawing eot is done from then on),
-  // pos[row] counts one more, and the token's row of `table` is copied to x[row].
-  int64_t* tokens;
-  int64_t* pos;
-  bool* done;
-  int64_t eot;
-  const char* table;
-  char* x;
-  int64_t row_bytes;  // of table and x
+  // The decoding step's advance (sample.h, sample.cpp), each part absent when null: the sampled
+  // token goes to tokens[row] (rows already done take eot, and a row drawing eot is done from then
+  // on), pos[row] counts one more, and the token's row of `table` is copied to x[row].
+  SampleStep step;
 };
 
 // The step's advance for a sampled token (SampleArgs): one thread. Returns the token as masked.
 __device__ __forceinline__ int64_t advance(const SampleArgs& a, int row, int64_t token) {
-  if (a.done != nullptr) {
-    if (a.done[row]) token = a.eot;
-    if (token == a.eot) a.done[row] = true;
+  if (a.step.done != nullptr) {
+    if (a.step.done[row]) token = a.step.eot;
+    if (token == a.step.eot) a.step.done[row] = true;
   }
-  if (a.tokens != nullptr) a.tokens[row] = token;
-  if (a.pos != nullptr) a.pos[row] += 1;
+  if (a.step.tokens != nullptr) a.step.tokens[row] = token;
+  if (a.step.pos != nullptr) a.step.pos[row] += 1;
   return token;
 }
 
 // x[row] = table[token], by the block's threads (row_bytes a multiple of 16, checked by sample.cpp).
 __device__ __forceinline__ void copy_row(const SampleArgs& a, int row, int64_t token) {
-  const uint4* from = reinterpret_cast<const uint4*>(a.table + token * a.row_bytes);
-  uint4* to = reinterpret_cast<uint4*>(a.x + row * a.row_bytes);
-  for (int64_t i = threadIdx.x; i < a.row_bytes / 16; i += blockDim.x) to[i] = from[i];
+  const uint4* from = reinterpret_cast<const uint4*>(a.step.table + token * a.step.row_bytes);
+  uint4* to = reinterpret_cast<uint4*>(a.step.x + row * a.step.row_bytes);
+  for (int64_t i = threadIdx.x; i < a.step.row_bytes / 16; i += blockDim.x) to[i] = from[i];
 }
 
 __device__ __forceinline__ uint32_t order_key(float f) {
@@ -355,7 +349,7 @@ sample_kernel_pass(const T* __restrict__ logits, const float* __restrict__ race,
         out[row] = token;
       }
     }
-    if (a.x != nullptr) {
+    if (a.step.x != nullptr) {
       __syncthreads();
       if (last) copy_row(a, row, token);
     }
@@ -542,7 +536,7 @@ sample_cluster_kernel(const T* logits, const float* race, int64_t* __restrict__ 
     token = advance(a, row, best == 0 ? 0 : static_cast<int64_t>(kFull - static_cast<uint32_t>(best & kFull)));
     out[row] = token;
   }
-  if (rank == 0 && a.x != nullptr) {
+  if (rank == 0 && a.step.x != nullptr) {
     __syncthreads();
     copy_row(a, row, token);
   }
@@ -655,13 +649,7 @@ cudaError_t launch(const at::Tensor& logits, const at::Tensor& race, SampleArgs 
 cudaError_t sample_cuda(const at::Tensor& logits, const at::Tensor& race, float temperature, int64_t top_k,
                         float top_p, const SampleStep& step, at::Tensor& out) {
   SampleArgs a{};
-  a.tokens = step.tokens;
-  a.pos = step.pos;
-  a.done = step.done;
-  a.eot = step.eot;
-  a.table = step.table;
-  a.x = step.x;
-  a.row_bytes = step.row_bytes;
+  a.step = step;
   a.V = static_cast<int>(logits.size(1));
   a.ld = logits.stride(0);
   a.temperature = temperature;
