@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 os.environ["OPTIMUS_PHASE_CLOCKS"] = "1"
-_base = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(_base) / "phase_clocks")
+_base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+if _base.name != "phase_clocks":  # the child process below inherits the parent's folder as it is
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(_base / "phase_clocks")
 
 import torch  # noqa: E402
 
